@@ -1,0 +1,10 @@
+"""onnxlrp: compile any ONNX model into an ONNX model that also explains its predictions with LRP."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .compile import compile_model  # noqa: E402
+from .errors import OnnxlrpError, UnsupportedError  # noqa: E402
+from .runtime import Explainer  # noqa: E402
+
+__all__ = ["Explainer", "OnnxlrpError", "UnsupportedError", "compile_model", "__version__"]

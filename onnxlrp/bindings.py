@@ -1,0 +1,326 @@
+"""Binding a rule template to one node: which tensor feeds each formal input, and every attribute value.
+
+The default binding covers most ops: ``X`` is the activation input being explained, ``Y`` the output whose
+relevance ``R`` is redistributed, ``Other`` the other operand of a binary op, any other formal is the node's input
+or output of that name in the op's schema; attributes come from the rule options, the node, or the schema's
+default; attributes named ``lrp_<option>`` take the rule options. Ops whose templates need derived values (explicit pads, a transposed pass's output_padding, slice
+offsets) have a small binder here, named in rules/ops.toml.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, helper
+
+from .graph import GraphView
+
+
+class Unsupported(Exception):
+    """This node cannot be bound (the message says why); collected into one UnsupportedError."""
+
+
+@dataclass
+class BindContext:
+    """One template application: node ``index``, explaining input ``x`` from output ``y``."""
+
+    view: GraphView
+    index: int
+    x: int
+    y: int
+    add_constant: Callable[[str, np.ndarray], str]
+    opset: int
+
+    @property
+    def node(self) -> onnx.NodeProto:
+        return self.view.nodes[self.index]
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        for a in self.node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    def static_shape(self, tensor: str, start: int = 0, axis: int | None = None) -> list[int | None]:
+        """The tensor's shape, requiring static sizes from axis ``start`` on (or just on ``axis``)."""
+        shape = self.view.shape(tensor)
+        needed = range(start, len(shape)) if shape is not None and axis is None else [axis]
+        if shape is None or any(shape[a] is None for a in needed):
+            what = f"axis {axis}" if axis is not None else f"axes {start}.." if start else "all axes"
+            raise Unsupported(f"needs the static size of {tensor!r} ({what}), which shape inference could not "
+                              f"determine")
+        return list(shape)
+
+    def rank(self, tensor: str) -> int:
+        shape = self.view.shape(tensor)
+        if shape is None:
+            raise Unsupported(f"needs the rank of {tensor!r}, which shape inference could not determine")
+        return len(shape)
+
+    def dtype(self, tensor: str) -> np.dtype:
+        return helper.tensor_dtype_to_np_dtype(self.view.info[tensor].elem_type or onnx.TensorProto.FLOAT)
+
+
+#: Template attributes named lrp_<option> take the rule option <option> (epsilon, stabilizer, gamma, ...);
+#: all others are the node's own attributes, so rule parameters never collide with op attributes (Gemm alpha).
+RULE_PARAMETER_PREFIX = "lrp_"
+
+Binding = tuple[dict[str, str], dict[str, Any]]  # formal input -> tensor, attribute -> value
+
+
+def bind(ctx: BindContext, function: onnx.FunctionProto, attr_types: dict[str, int], options: dict,
+         binder: str | None) -> tuple[list[str], list[AttributeProto]]:
+    """Actual inputs (in formal order) and attributes of the call to ``function`` for this context."""
+    extra_inputs, extra_attrs = BINDERS[binder](ctx) if binder else ({}, {})
+    node = ctx.node
+    schema = onnx.defs.get_schema(node.op_type, max_inclusive_version=ctx.opset, domain="")
+    in_names = [p.name for p in schema.inputs]
+    out_names = [p.name for p in schema.outputs]
+    inputs = []
+    for formal in function.input:
+        if formal in extra_inputs:
+            actual = extra_inputs[formal]
+        elif formal == "X":
+            actual = node.input[ctx.x]
+        elif formal == "Y":
+            actual = node.output[ctx.y]
+        elif formal == "R":
+            actual = "__R__"  # filled in by the compiler
+        elif formal == "Other":
+            others = [n for k, n in enumerate(node.input) if k != ctx.x and n]
+            if len(others) != 1:
+                raise Unsupported("expects exactly one other operand")
+            actual = others[0]
+        elif formal in in_names and in_names.index(formal) < len(node.input):
+            actual = node.input[in_names.index(formal)]
+        elif formal in out_names and out_names.index(formal) < len(node.output):
+            actual = node.output[out_names.index(formal)]
+        else:
+            actual = ""
+        if not actual:
+            raise Unsupported(f"template {function.name} needs input {formal!r}, which the node does not have")
+        inputs.append(actual)
+    attributes = []
+    for name in function.attribute:
+        if name in extra_attrs:
+            value = extra_attrs[name]
+        elif name.startswith(RULE_PARAMETER_PREFIX) and name[len(RULE_PARAMETER_PREFIX):] in options:
+            value = options[name[len(RULE_PARAMETER_PREFIX):]]
+        elif ctx.attr(name) is not None:
+            value = ctx.attr(name)
+        elif name in schema.attributes and schema.attributes[name].default_value.type:
+            value = helper.get_attribute_value(schema.attributes[name].default_value)
+        else:
+            raise Unsupported(f"template {function.name} needs attribute {name!r}, which the node does not set")
+        attributes.append(make_attribute(name, value, attr_types.get(name)))
+    return inputs, attributes
+
+
+def make_attribute(name: str, value: Any, attr_type: int | None) -> AttributeProto:
+    """An attribute of the declared type (so 0 becomes 0.0 for floats and [] stays typed)."""
+    if attr_type == AttributeProto.FLOAT:
+        value = float(value)
+    elif attr_type == AttributeProto.INT:
+        value = int(value)
+    elif attr_type == AttributeProto.INTS:
+        value = [int(v) for v in value]
+    elif attr_type == AttributeProto.FLOATS:
+        value = [float(v) for v in value]
+    return helper.make_attribute(name, value, attr_type=attr_type)
+
+
+# --- op binders ------------------------------------------------------------------------------------------------
+
+def _explicit_pads(ctx: BindContext, in_spatial: list[int], kernel: list[int], strides: list[int],
+                   dilations: list[int]) -> list[int]:
+    """The node's pads with auto_pad resolved against the static input size."""
+    auto_pad = ctx.attr("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    n = len(kernel)
+    if auto_pad in ("NOTSET", ""):
+        return list(ctx.attr("pads", [0] * 2 * n))
+    if auto_pad == "VALID":
+        return [0] * 2 * n
+    begins, ends = [], []
+    for size, k, s, d in zip(in_spatial, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small, large = total // 2, total - total // 2
+        begins.append(large if auto_pad == "SAME_LOWER" else small)
+        ends.append(small if auto_pad == "SAME_LOWER" else large)
+    return begins + ends
+
+
+def _transpose_padding(in_spatial, out_spatial, kernel, strides, dilations, pads) -> list[int]:
+    """output_padding so that the transposed pass has exactly the input's spatial size."""
+    n = len(kernel)
+    result = []
+    for a in range(n):
+        full = (out_spatial[a] - 1) * strides[a] - pads[a] - pads[a + n] + dilations[a] * (kernel[a] - 1) + 1
+        extra = in_spatial[a] - full
+        if extra < 0 or extra >= max(strides[a], dilations[a]):
+            raise Unsupported(f"cannot invert the spatial geometry on axis {a + 2}")
+        result.append(extra)
+    return result
+
+
+def _zeros_bias(ctx: BindContext, size: int, like: str) -> str:
+    return ctx.add_constant(f"{ctx.node.name}__zero_bias", np.zeros([size], dtype=ctx.dtype(like)))
+
+
+def bind_conv(ctx: BindContext) -> Binding:
+    node = ctx.node
+    if ctx.x != 0:
+        raise Unsupported("the Conv weight is an activation (only constant weights are supported)")
+    w_shape = ctx.static_shape(node.input[1])
+    x_shape, y_shape = ctx.static_shape(node.input[0], 2), ctx.static_shape(node.output[0], 2)
+    kernel = w_shape[2:]
+    n = len(kernel)
+    strides = list(ctx.attr("strides", [1] * n))
+    dilations = list(ctx.attr("dilations", [1] * n))
+    pads = _explicit_pads(ctx, x_shape[2:], kernel, strides, dilations)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else _zeros_bias(ctx, w_shape[0], node.input[1])
+    return {"W": node.input[1], "B": bias}, {
+        "strides": strides, "dilations": dilations, "pads": pads, "group": ctx.attr("group", 1),
+        "output_padding": _transpose_padding(x_shape[2:], y_shape[2:], kernel, strides, dilations, pads),
+    }
+
+
+def bind_gemm(ctx: BindContext) -> Binding:
+    node = ctx.node
+    if ctx.x != 0:
+        raise Unsupported("the Gemm weight (input B) is an activation (only constant weights are supported)")
+    if ctx.attr("transA", 0):
+        raise Unsupported("transA=1 is not supported")
+    trans_b = int(ctx.attr("transB", 0))
+    w_shape = ctx.static_shape(node.input[1])
+    units = w_shape[0] if trans_b else w_shape[1]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else _zeros_bias(ctx, units, node.input[1])
+    return {"W": node.input[1], "B": bias}, {"transB": trans_b, "transB_bwd": 1 - trans_b}
+
+
+def bind_matmul(ctx: BindContext) -> Binding:
+    node = ctx.node
+    if ctx.x != 0 or node.input[1] in ctx.view.activations:
+        raise Unsupported("MatMul of two activations (only a constant right-hand weight is supported)")
+    w_shape = ctx.static_shape(node.input[1])
+    if len(w_shape) != 2:
+        raise Unsupported(f"MatMul weight must be 2-D, got shape {w_shape}")
+    return {"W": node.input[1], "B": _zeros_bias(ctx, w_shape[1], node.input[1])}, {}
+
+
+def bind_batchnorm(ctx: BindContext) -> Binding:
+    return {}, {"channel_shape": [-1] + [1] * (ctx.rank(ctx.node.input[0]) - 2)}
+
+
+def bind_averagepool(ctx: BindContext) -> Binding:
+    node = ctx.node
+    x_shape, y_shape = ctx.static_shape(node.input[0], 1), ctx.static_shape(node.output[0], 2)
+    kernel = list(ctx.attr("kernel_shape"))
+    n = len(kernel)
+    dilations = list(ctx.attr("dilations", [1] * n))
+    if any(d != 1 for d in dilations):
+        raise Unsupported("dilated AveragePool is not supported")
+    strides = list(ctx.attr("strides", [1] * n))
+    pads = _explicit_pads(ctx, x_shape[2:], kernel, strides, dilations)
+    sum_pads = list(pads)
+    for a in range(n):  # ceil_mode windows that run past the end: pad the window sum far enough to reach them
+        reach = (y_shape[2 + a] - 1) * strides[a] + kernel[a] - (x_shape[2 + a] + pads[a] + pads[a + n])
+        sum_pads[a + n] += max(0, reach)
+    return {}, {
+        "kernel_shape": kernel, "strides": strides, "pads": pads, "sum_pads": sum_pads,
+        "output_padding": _transpose_padding(x_shape[2:], y_shape[2:], kernel, strides, dilations, sum_pads),
+        "channels": x_shape[1],
+    }
+
+
+def bind_lrn(ctx: BindContext) -> Binding:
+    size = int(ctx.attr("size"))
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+    return {}, {"pads": [lo, 0, hi, 0], "pads_t": [hi, 0, lo, 0], "kernel": [1, 1, size, 1]}
+
+
+def bind_transpose(ctx: BindContext) -> Binding:
+    rank = ctx.rank(ctx.node.input[0])
+    perm = list(ctx.attr("perm", list(range(rank))[::-1]))
+    return {}, {"inverse_perm": [int(i) for i in np.argsort(perm)]}
+
+
+def _axis(ctx: BindContext, tensor: str, default: int = 0) -> int:
+    axis = int(ctx.attr("axis", default))
+    return axis + ctx.rank(tensor) if axis < 0 else axis
+
+
+def bind_concat(ctx: BindContext) -> Binding:
+    node = ctx.node
+    axis = _axis(ctx, node.output[0])
+    sizes = [ctx.static_shape(name, axis=axis)[axis] for name in node.input]
+    start = sum(sizes[: ctx.x])
+    return {}, {"starts": [start], "ends": [start + sizes[ctx.x]], "axes": [axis]}
+
+
+def bind_split(ctx: BindContext) -> Binding:
+    node = ctx.node
+    axis = _axis(ctx, node.input[0])
+    x_shape = ctx.static_shape(node.input[0], axis=axis)
+    sizes = [ctx.static_shape(out, axis=axis)[axis] for out in node.output]
+    start = sum(sizes[: ctx.y])
+    pads = [0] * (2 * len(x_shape))
+    pads[axis] = start
+    pads[axis + len(x_shape)] = x_shape[axis] - start - sizes[ctx.y]
+    return {}, {"pads": pads}
+
+
+def bind_slice(ctx: BindContext) -> Binding:
+    node = ctx.node
+    rank = ctx.rank(node.input[0])
+    extra = {}
+    if len(node.input) < 4 or not node.input[3]:
+        extra["axes"] = ctx.add_constant(f"{node.name}__axes", np.arange(rank, dtype=np.int64))
+    if len(node.input) < 5 or not node.input[4]:
+        n_axes = len(ctx.view.constant_value(node.input[1]) if ctx.view.constant_value(node.input[1]) is not None
+                     else range(rank))
+        extra["steps"] = ctx.add_constant(f"{node.name}__steps", np.ones([n_axes], dtype=np.int64))
+    return extra, {}
+
+
+def bind_gather(ctx: BindContext) -> Binding:
+    if ctx.x != 0:
+        raise Unsupported("relevance for Gather indices is undefined")
+    return {}, {"axis": _axis(ctx, ctx.node.input[0])}
+
+
+def bind_pad(ctx: BindContext) -> Binding:
+    node = ctx.node
+    mode = ctx.attr("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        raise Unsupported(f"Pad mode {mode!r} (only constant padding is supported)")
+    if len(node.input) > 3 and node.input[3]:
+        raise Unsupported("Pad with an axes input is not supported")
+    pads = ctx.view.constant_value(node.input[1])
+    if pads is None:
+        raise Unsupported("Pad with non-constant pads is not supported")
+    pads = [int(p) for p in np.asarray(pads).ravel()]
+    if any(p < 0 for p in pads):
+        raise Unsupported("Pad with negative pads (cropping) is not supported")
+    return {}, {"starts": pads[: len(pads) // 2]}
+
+
+BINDERS: dict[str, Callable[[BindContext], Binding]] = {
+    "conv": bind_conv,
+    "gemm": bind_gemm,
+    "matmul": bind_matmul,
+    "batchnorm": bind_batchnorm,
+    "averagepool": bind_averagepool,
+    "lrn": bind_lrn,
+    "transpose": bind_transpose,
+    "concat": bind_concat,
+    "split": bind_split,
+    "slice": bind_slice,
+    "gather": bind_gather,
+    "pad": bind_pad,
+}

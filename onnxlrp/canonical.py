@@ -1,0 +1,94 @@
+"""Stage 2: graph passes that bring any exported model into the form the rule templates expect.
+
+Each pass takes and returns a ModelProto and says in one line what it did; `canonicalize` runs them in order and
+returns the list of passes that changed something (recorded in the compiled model's metadata).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import onnx
+import onnxscript
+from onnxscript.rewriter import rewrite
+from onnxscript.rewriter.rules import common as common_rules
+
+from .errors import OnnxlrpError
+from .load import infer_shapes, upgrade_opset
+from .lrn_pattern import lrn_rules
+
+Pass = Callable[[onnx.ModelProto, str], onnx.ModelProto]
+
+
+def drop_initializer_inputs(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """IR <= 3 models list their weights as graph inputs too; they are weights, not inputs."""
+    weights = {t.name for t in model.graph.initializer}
+    keep = [vi for vi in model.graph.input if vi.name not in weights]
+    if len(keep) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        if model.ir_version < 4:
+            model.ir_version = 4
+    return model
+
+
+def fold_and_fuse(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """onnxscript: fold constants, drop Identity/Dropout, fold BatchNormalization into the preceding Conv/Gemm,
+    fuse MatMul + Add(constant) into Gemm, and recognise PyTorch's decomposed LocalResponseNorm."""
+    rules = [
+        common_rules.dropout_inference_rule,
+        common_rules.dropout_zero_rule,
+        common_rules.fuse_batchnorm_into_conv_rule,
+        common_rules.fuse_batchnorm_into_gemm_rule,
+        common_rules.matmul_add_to_gemm_rule,
+        *lrn_rules(),
+    ]
+    try:
+        model = onnxscript.optimizer.optimize(model)
+        model = rewrite(model, pattern_rewrite_rules=rules)
+        return onnxscript.optimizer.optimize(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxlrpError(f"{source}: graph optimisation failed: {first}") from None
+
+
+def name_nodes(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """Give every node a unique name, so errors and the audit trail can point at it."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+    return model
+
+
+def maxpool_indices(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """Ask every MaxPool for its Indices output (the winner positions the relevance is routed to)."""
+    for node in model.graph.node:
+        if node.op_type == "MaxPool" and (len(node.output) < 2 or not node.output[1]):
+            if len(node.output) < 2:
+                node.output.append("")
+            node.output[1] = f"{node.output[0]}__indices"
+    return model
+
+
+PASSES: list[tuple[str, Pass]] = [
+    ("drop_initializer_inputs", drop_initializer_inputs),
+    ("upgrade_opset", upgrade_opset),
+    ("fold_and_fuse", fold_and_fuse),
+    ("name_nodes", name_nodes),
+    ("maxpool_indices", maxpool_indices),
+    ("infer_shapes", infer_shapes),
+]
+
+
+def canonicalize(model: onnx.ModelProto, source: str) -> tuple[onnx.ModelProto, list[str]]:
+    """Run every pass; return the canonical model and the names of the passes that changed it."""
+    applied = []
+    for name, run in PASSES:
+        before = model.SerializeToString(deterministic=True)
+        model = run(model, source)
+        if name != "infer_shapes" and model.SerializeToString(deterministic=True) != before:
+            applied.append(name)
+    return model, applied

@@ -1,0 +1,268 @@
+"""Stage 3: the reverse walk. Seed the explained output, then for each node on the relevance path (last first)
+apply its rule template to every activation input, summing relevance where a tensor fans out."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from . import __version__
+from .bindings import BindContext, Unsupported, bind
+from .canonical import canonicalize
+from .composites import Composite, assign_rules, get_composite, node_category, validate_options
+from .errors import OnnxlrpError, UnsupportedError
+from .graph import GraphView
+from .load import check, default_opset, model_source, read_model
+from .templates import DOMAIN, library
+
+#: IR version written: accepted by every onnxruntime from 1.16 on (onnx >= 1.20 would write 14, too new for ORT).
+IR_VERSION = 10
+TARGET_INPUT = "target"
+RELEVANCE_SUFFIX = "_relevance"
+
+
+@dataclass
+class RuleRecord:
+    """What was applied at one node (kept in the compiled model's metadata)."""
+
+    node: str
+    op: str
+    category: str | None
+    rule: str | None
+    template: str | None = None
+
+
+@dataclass
+class _Builder:
+    """Collects the nodes and initializers that the relevance pass adds to the forward graph."""
+
+    taken: set[str]
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    functions: set[str] = field(default_factory=set)
+
+    def fresh(self, hint: str) -> str:
+        name, k = hint, 0
+        while name in self.taken:
+            k += 1
+            name = f"{hint}_{k}"
+        self.taken.add(name)
+        return name
+
+    def constant(self, hint: str, value: np.ndarray) -> str:
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def call(self, template: str, inputs: list[str], hint: str, attributes=(), n_out: int = 1) -> list[str]:
+        outputs = [self.fresh(hint if n_out == 1 else f"{hint}_{k}") for k in range(n_out)]
+        node = helper.make_node(template, inputs, outputs, name=self.fresh(f"lrp/{hint}"), domain=DOMAIN)
+        node.attribute.extend(attributes)
+        self.nodes.append(node)
+        self.functions.add(template)
+        return outputs
+
+    def total(self, parts: list[str], hint: str) -> str:
+        if len(parts) == 1:
+            return parts[0]
+        out = self.fresh(hint)
+        self.nodes.append(helper.make_node("Sum", parts, [out], name=self.fresh(f"lrp/{hint}_sum")))
+        return out
+
+
+def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
+                  explain_output: str | None = None, inline: bool = False, **options) -> onnx.ModelProto:
+    """Compile a model into one that also outputs ``<input>_relevance`` for the class given by input ``target``.
+
+    options: epsilon, stabilizer, gamma, alpha, beta, low, high, lrn_rule (see composites.DEFAULT_OPTIONS).
+    """
+    source = model_source(model)
+    params = validate_options(options)
+    chosen = get_composite(composite, str(params["lrn_rule"]))
+    proto = read_model(model)
+    check(proto, source)
+    proto, applied = canonicalize(proto, source)
+    view = GraphView(proto)
+    explained = _explained_tensor(view, explain_output, source)
+    path = view.relevance_path(explained)
+    rules = assign_rules(view, path, chosen)
+
+    builder = _Builder(taken=_all_names(proto))
+    records, unsupported = _walk(view, path, rules, chosen, params, explained, builder)
+    if unsupported:
+        raise UnsupportedError(source, unsupported)
+    compiled = _assemble(view, builder, records, chosen, params, applied)
+    if inline:
+        compiled = onnx.inliner.inline_local_functions(compiled)
+    try:
+        onnx.checker.check_model(compiled, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise OnnxlrpError(f"{source}: internal error, the compiled model fails onnx.checker: "
+                           f"{str(exc).strip().splitlines()[0]}") from None
+    return compiled
+
+
+def _explained_tensor(view: GraphView, name: str | None, source: str) -> str:
+    outputs = [o.name for o in view.model.graph.output]
+    if name is None:
+        name = outputs[0]
+    elif name not in outputs:
+        raise OnnxlrpError(f"{source}: no output named {name!r}; outputs are: {', '.join(outputs)}")
+    tensor = name
+    if tensor in view.producer:  # look through a final Softmax / LogSoftmax: explain the scores before it
+        node = view.nodes[view.producer[tensor][0]]
+        if node.op_type in ("Softmax", "LogSoftmax"):
+            tensor = node.input[0]
+    if tensor not in view.activations:
+        raise OnnxlrpError(f"{source}: output {name!r} does not depend on any floating-point model input, "
+                           f"so there is no relevance to compute")
+    return tensor
+
+
+def _all_names(model: onnx.ModelProto) -> set[str]:
+    graph = model.graph
+    names = {vi.name for vi in list(graph.input) + list(graph.output)} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        names.add(node.name)
+    return names
+
+
+def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen: Composite, params: dict,
+          explained: str, builder: _Builder):
+    lib = library()
+    opset = default_opset(view.model)
+    start = "start_gradient" if chosen.signal == "gradient" else "start_relevance"
+    (seed,) = builder.call(start, [explained, TARGET_INPUT], f"{explained}__R")
+    contributions: dict[str, list[str]] = {explained: [seed]}
+    records: list[RuleRecord] = []
+    unsupported: list[tuple[str, str, str]] = []
+    options = {k: v for k, v in params.items() if k != "lrn_rule"}
+
+    for index in reversed(path):
+        node = view.nodes[index]
+        name, rule = view.node_name(index), rules[index]
+        spec = lib.ops.get(node.op_type)
+        record = RuleRecord(name, node.op_type, node_category(view, index), rule)
+        records.append(record)
+        if spec is None or rule is None:
+            why = "" if spec is None else f"no rule for category {record.category!r} in composite {chosen.name}"
+            unsupported.append((name, node.op_type, why))
+            continue
+        for y, out in enumerate(node.output):
+            if out not in contributions:
+                continue
+            relevance = builder.total(contributions[out], f"{out}__R")
+            for x in view.activation_inputs(index):
+                template = spec.template_for(rule, x)
+                if template is None:
+                    unsupported.append((name, node.op_type, f"no template for rule {rule!r}"))
+                    continue
+                record.template = template
+                try:
+                    ctx = BindContext(view, index, x, y, builder.constant, opset)
+                    inputs, attrs = bind(ctx, lib.function(template), lib.attribute_types(template), options,
+                                         spec.binder)
+                except Unsupported as exc:
+                    unsupported.append((name, node.op_type, str(exc)))
+                    continue
+                inputs = [relevance if i == "__R__" else i for i in inputs]
+                (r_x,) = builder.call(template, inputs, f"{node.input[x]}__R_from_{name}", attrs)
+                if spec.elementwise:
+                    r_x = _unbroadcast(view, node.input[x], out, r_x, builder)
+                contributions.setdefault(node.input[x], []).append(r_x)
+    records.reverse()
+    _finish_inputs(view, chosen, contributions, builder)
+    return records, unsupported
+
+
+def _unbroadcast(view: GraphView, x: str, y: str, r_x: str, builder: _Builder) -> str:
+    """Sum relevance computed on the broadcast shape back onto x's shape (no-op when shapes agree)."""
+    xs, ys = view.shape(x), view.shape(y)
+    if xs is None or ys is None:
+        return r_x
+    lead = len(ys) - len(xs)
+    axes = list(range(lead)) + [lead + a for a, d in enumerate(xs) if d == 1 and ys[lead + a] != 1]
+    if not axes:
+        return r_x
+    lib = library()
+    from .bindings import make_attribute
+    attr = make_attribute("axes", axes, lib.attribute_types("unbroadcast")["axes"])
+    (out,) = builder.call("unbroadcast", [x, r_x], f"{r_x}__unbroadcast", [attr])
+    return out
+
+
+def _finish_inputs(view: GraphView, chosen: Composite, contributions: dict[str, list[str]],
+                   builder: _Builder) -> None:
+    """Produce ``<input>_relevance`` for every float input."""
+    for vi in view.float_inputs:
+        target = vi.name + RELEVANCE_SUFFIX
+        parts = contributions.get(vi.name)
+        if not parts:
+            builder.nodes.append(helper.make_node(
+                "Identity", builder.call("zeros_like", [vi.name], f"{target}__zeros"), [target],
+                name=builder.fresh(f"lrp/{target}")))
+            continue
+        signal = builder.total(parts, f"{target}__signal")
+        if chosen.signal == "gradient":
+            (signal,) = builder.call("gradient_times_input", [vi.name, signal], f"{target}__gxi")
+        builder.nodes.append(helper.make_node("Identity", [signal], [target], name=builder.fresh(f"lrp/{target}")))
+
+
+def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], chosen: Composite, params: dict,
+              applied: list[str]) -> onnx.ModelProto:
+    source = view.model
+    graph = onnx.GraphProto()
+    graph.CopyFrom(source.graph)
+    graph.node.extend(builder.nodes)
+    graph.initializer.extend(builder.initializers)
+    float_inputs = view.float_inputs
+    batch = float_inputs[0].type.tensor_type.shape.dim[0] if float_inputs and \
+        float_inputs[0].type.tensor_type.shape.dim else None
+    target = helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, ["N"])
+    if batch is not None:
+        target.type.tensor_type.shape.dim[0].CopyFrom(batch)
+    graph.input.append(target)
+    for vi in float_inputs:
+        out = onnx.ValueInfoProto()
+        out.CopyFrom(vi)
+        out.name = vi.name + RELEVANCE_SUFFIX
+        graph.output.append(out)
+
+    opset = default_opset(source)
+    functions = []
+    for function in library().closure(sorted(builder.functions)):
+        function = _copy_with_opset(function, opset)
+        functions.append(function)
+    model = helper.make_model(graph, functions=functions, opset_imports=[
+        helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)] + [
+        o for o in source.opset_import if o.domain not in ("", "ai.onnx", DOMAIN)])
+    model.ir_version = IR_VERSION
+    model.producer_name, model.producer_version = "onnxlrp", __version__
+    for prop in source.metadata_props:
+        model.metadata_props.add(key=prop.key, value=prop.value)
+    meta = {
+        "onnxlrp.version": __version__,
+        "onnxlrp.composite": chosen.name,
+        "onnxlrp.signal": chosen.signal,
+        "onnxlrp.parameters": json.dumps(params, sort_keys=True),
+        "onnxlrp.canonicalizations": json.dumps(applied),
+        "onnxlrp.rules": json.dumps([r.__dict__ for r in records]),
+    }
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    return model
+
+
+def _copy_with_opset(function: onnx.FunctionProto, opset: int) -> onnx.FunctionProto:
+    copy = onnx.FunctionProto()
+    copy.CopyFrom(function)
+    for imp in copy.opset_import:
+        if imp.domain == "":
+            imp.version = max(imp.version, opset)
+    return copy

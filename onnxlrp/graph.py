@@ -1,0 +1,120 @@
+"""A read-only view of a (canonical, shape-inferred) graph: which tensors carry activations, who produces and
+consumes what, and which nodes lie on the relevance path to the explained tensor (networkx for reachability)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import onnx
+from onnx import TensorProto
+
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+
+@dataclass
+class TensorInfo:
+    """Static element type and shape (None for an unknown dimension; shape None if even the rank is unknown)."""
+
+    elem_type: int = 0
+    shape: list[int | None] | None = None
+
+
+@dataclass
+class GraphView:
+    """Indexes over one graph; nodes are referred to by their position in topological order."""
+
+    model: onnx.ModelProto
+    nodes: list[onnx.NodeProto] = field(init=False)
+    info: dict[str, TensorInfo] = field(init=False)
+    producer: dict[str, tuple[int, int]] = field(init=False)
+    consumers: dict[str, list[int]] = field(init=False)
+    initializers: dict[str, onnx.TensorProto] = field(init=False)
+    activations: set[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        graph = self.model.graph
+        self.nodes = list(graph.node)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.info = {}
+        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+            self.info[vi.name] = _tensor_info(vi)
+        for t in graph.initializer:
+            self.info[t.name] = TensorInfo(t.data_type, list(t.dims))
+        self.producer, self.consumers = {}, {}
+        for i, node in enumerate(self.nodes):
+            for j, out in enumerate(node.output):
+                if out:
+                    self.producer[out] = (i, j)
+            for inp in node.input:
+                if inp:
+                    self.consumers.setdefault(inp, []).append(i)
+        self.activations = self._find_activations()
+
+    @property
+    def float_inputs(self) -> list[onnx.ValueInfoProto]:
+        """Graph inputs of a floating-point type (the ones that receive relevance)."""
+        return [vi for vi in self.model.graph.input
+                if vi.name not in self.initializers and vi.type.tensor_type.elem_type in FLOAT_TYPES]
+
+    def _find_activations(self) -> set[str]:
+        """Float tensors that depend on a float graph input (everything else is a constant or shape data)."""
+        active = {vi.name for vi in self.float_inputs}
+        for node in self.nodes:
+            if any(i in active for i in node.input if i):
+                for out in node.output:
+                    if out and self.info.get(out, TensorInfo()).elem_type in FLOAT_TYPES | {0}:
+                        active.add(out)
+        return active
+
+    def activation_inputs(self, index: int) -> list[int]:
+        """Positions of the node's inputs that carry activations."""
+        return [k for k, name in enumerate(self.nodes[index].input) if name in self.activations]
+
+    def relevance_path(self, target: str) -> list[int]:
+        """Nodes through which relevance flows from ``target`` back to the inputs, in topological order."""
+        flow = nx.DiGraph()
+        for node in self.nodes:
+            for inp in node.input:
+                if inp in self.activations:
+                    for out in node.output:
+                        if out in self.activations:
+                            flow.add_edge(inp, out)
+        if target not in flow:
+            return []
+        upstream = nx.ancestors(flow, target) | {target}
+        return [i for i, node in enumerate(self.nodes)
+                if any(o in upstream for o in node.output) and self.activation_inputs(i)]
+
+    def shape(self, name: str) -> list[int | None] | None:
+        """Static shape of a tensor as far as shape inference knows it."""
+        return self.info.get(name, TensorInfo()).shape
+
+    def constant_value(self, name: str):
+        """The value of an initializer or Constant-node output as a numpy array, or None if not constant."""
+        from onnx import numpy_helper
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        if name in self.producer:
+            node = self.nodes[self.producer[name][0]]
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        return numpy_helper.to_array(attr.t)
+                    if attr.name in ("value_float", "value_int"):
+                        return onnx.helper.get_attribute_value(attr)
+                    if attr.name in ("value_floats", "value_ints"):
+                        return list(onnx.helper.get_attribute_value(attr))
+        return None
+
+    def node_name(self, index: int) -> str:
+        """The node's name (canonicalisation gives every node one)."""
+        node = self.nodes[index]
+        return node.name or f"{node.op_type}_{index}"
+
+
+def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo:
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return TensorInfo(tt.elem_type, None)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    return TensorInfo(tt.elem_type, dims)

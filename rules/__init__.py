@@ -1,0 +1,1 @@
+"""Rule templates and composites, as data (ONNX text functions and TOML tables)."""

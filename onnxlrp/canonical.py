@@ -14,7 +14,7 @@ from onnxscript.rewriter.rules import common as common_rules
 
 from .errors import OnnxlrpError
 from .load import infer_shapes, upgrade_opset
-from .lrn_pattern import lrn_rules
+from .lrn_pattern import recognise_lrn
 
 Pass = Callable[[onnx.ModelProto, str], onnx.ModelProto]
 
@@ -33,14 +33,13 @@ def drop_initializer_inputs(model: onnx.ModelProto, source: str) -> onnx.ModelPr
 
 def fold_and_fuse(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     """onnxscript: fold constants, drop Identity/Dropout, fold BatchNormalization into the preceding Conv/Gemm,
-    fuse MatMul + Add(constant) into Gemm, and recognise PyTorch's decomposed LocalResponseNorm."""
+    and fuse MatMul + Add(constant) into Gemm."""
     rules = [
         common_rules.dropout_inference_rule,
         common_rules.dropout_zero_rule,
         common_rules.fuse_batchnorm_into_conv_rule,
         common_rules.fuse_batchnorm_into_gemm_rule,
         common_rules.matmul_add_to_gemm_rule,
-        *lrn_rules(),
     ]
     try:
         model = onnxscript.optimizer.optimize(model)
@@ -49,6 +48,33 @@ def fold_and_fuse(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OnnxlrpError(f"{source}: graph optimisation failed: {first}") from None
+
+
+def remove_dead_nodes(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """Drop nodes whose outputs nothing uses (left behind by the rewrites), and unused initializers."""
+    needed = {o.name for o in model.graph.output}
+    kept = []
+    for node in reversed(model.graph.node):
+        if any(o in needed for o in node.output if o):
+            kept.append(node)
+            needed.update(_node_reads(node))
+    if len(kept) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(reversed(kept))
+    unused = [t for t in model.graph.initializer if t.name not in needed]
+    for t in unused:
+        model.graph.initializer.remove(t)
+    return model
+
+
+def _node_reads(node: onnx.NodeProto) -> set[str]:
+    """Every tensor a node reads, including outer-scope names used inside its subgraphs."""
+    names = {i for i in node.input if i}
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for inner in graph.node:
+                names |= _node_reads(inner)
+    return names
 
 
 def name_nodes(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
@@ -77,6 +103,8 @@ PASSES: list[tuple[str, Pass]] = [
     ("drop_initializer_inputs", drop_initializer_inputs),
     ("upgrade_opset", upgrade_opset),
     ("fold_and_fuse", fold_and_fuse),
+    ("recognise_lrn", recognise_lrn),
+    ("remove_dead_nodes", remove_dead_nodes),
     ("name_nodes", name_nodes),
     ("maxpool_indices", maxpool_indices),
     ("infer_shapes", infer_shapes),

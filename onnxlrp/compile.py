@@ -81,8 +81,11 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     options: epsilon, stabilizer, gamma, alpha, beta, low, high, lrn_rule (see composites.DEFAULT_OPTIONS).
     """
     source = model_source(model)
-    params = validate_options(options)
-    chosen = get_composite(composite, str(params["lrn_rule"]))
+    try:
+        params = validate_options(options)
+        chosen = get_composite(composite, str(params["lrn_rule"]))
+    except OnnxlrpError as exc:
+        raise OnnxlrpError(f"{source}: {exc}") from None
     proto = read_model(model)
     check(proto, source)
     proto, applied = canonicalize(proto, source)
@@ -100,7 +103,7 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
         compiled = onnx.inliner.inline_local_functions(compiled)
     try:
         onnx.checker.check_model(compiled, full_check=True)
-    except onnx.checker.ValidationError as exc:
+    except Exception as exc:  # ValidationError or InferenceError
         raise OnnxlrpError(f"{source}: internal error, the compiled model fails onnx.checker: "
                            f"{str(exc).strip().splitlines()[0]}") from None
     return compiled

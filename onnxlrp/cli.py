@@ -1,0 +1,83 @@
+"""The `onnxlrp` command (click)."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+import onnx
+
+from . import __version__
+from .composites import DEFAULT_OPTIONS, LRN_RULES, composite_names
+from .errors import OnnxlrpError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"onnxlrp: error: {message}", err=True)
+    sys.exit(2)
+
+
+def write_model_atomically(model: onnx.ModelProto, path: Path) -> None:
+    """Write to a temporary file beside ``path`` and rename it, so a failure never leaves a partial file."""
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise OnnxlrpError(f"{path}: output folder {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OnnxlrpError(f"{path}: cannot write the compiled model ({exc.strerror or exc})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnxlrp")
+def main() -> None:
+    """Compile ONNX models into ONNX models that also explain their predictions (LRP)."""
+
+
+@main.command("compile")
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Where to write the compiled model [default: MODEL with suffix .lrp.onnx].")
+@click.option("--composite", default="epsilon_plus_flat", show_default=True,
+              help=f"Rule preset: {', '.join(composite_names())}.")
+@click.option("--epsilon", type=float, default=DEFAULT_OPTIONS["epsilon"], show_default=True,
+              help="epsilon of the Epsilon rule (0 = LRP-0).")
+@click.option("--stabilizer", type=float, default=DEFAULT_OPTIONS["stabilizer"], show_default=True,
+              help="Stabilizer of every other rule.")
+@click.option("--gamma", type=float, default=DEFAULT_OPTIONS["gamma"], show_default=True,
+              help="gamma of the Gamma rule.")
+@click.option("--alpha", type=float, default=DEFAULT_OPTIONS["alpha"], show_default=True,
+              help="alpha of the AlphaBeta rule (alpha - beta = 1).")
+@click.option("--beta", type=float, default=DEFAULT_OPTIONS["beta"], show_default=True,
+              help="beta of the AlphaBeta rule.")
+@click.option("--low", type=float, default=DEFAULT_OPTIONS["low"], show_default=True,
+              help="Lowest input value, for the ZBox rule.")
+@click.option("--high", type=float, default=DEFAULT_OPTIONS["high"], show_default=True,
+              help="Highest input value, for the ZBox rule.")
+@click.option("--lrn-rule", default=DEFAULT_OPTIONS["lrn_rule"], show_default=True,
+              help=f"Rule for LRN layers: {', '.join(LRN_RULES)}.")
+@click.option("--explain-output", default=None, help="Output to explain [default: the first].")
+@click.option("--inline", is_flag=True, help="Inline the rule functions (plain ONNX graph, no local functions).")
+def compile_command(model: Path, output: Path | None, composite: str, explain_output: str | None, inline: bool,
+                    **options) -> None:
+    """Compile MODEL into an explaining model with an extra input `target` and outputs `<input>_relevance`."""
+    from .compile import compile_model
+    output = output or model.with_suffix(".lrp.onnx")
+    try:
+        compiled = compile_model(model, composite, explain_output=explain_output, inline=inline, **options)
+        write_model_atomically(compiled, output)
+    except OnnxlrpError as exc:
+        _fail(str(exc))
+    click.echo(f"wrote {output} (composite {composite})")
+
+
+if __name__ == "__main__":
+    main()

@@ -195,6 +195,8 @@ def bind_gemm(ctx: BindContext) -> Binding:
         raise Unsupported("the Gemm weight (input B) is an activation (only constant weights are supported)")
     if ctx.attr("transA", 0):
         raise Unsupported("transA=1 is not supported")
+    if ctx.attr("alpha", 1.0) != 1.0 or ctx.attr("beta", 1.0) != 1.0:
+        raise Unsupported("alpha/beta != 1 with non-constant B or C (constant ones are folded into the weights)")
     trans_b = int(ctx.attr("transB", 0))
     w_shape = ctx.static_shape(node.input[1])
     units = w_shape[0] if trans_b else w_shape[1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import onnx
 import onnxscript
 from onnxscript.rewriter import rewrite
@@ -77,6 +78,31 @@ def _node_reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def fold_gemm_scales(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """Gemm with alpha/beta != 1 and constant B/C: scale the weights instead, so rules see the effective
+    weight alpha*B and bias beta*C (what a squared or clamped weight must be computed from)."""
+    from onnx import numpy_helper
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            uses[i] = uses.get(i, 0) + 1
+    for node in model.graph.node:
+        if node.op_type != "Gemm":
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        for key, index in (("alpha", 1), ("beta", 2)):
+            if key not in attrs or attrs[key].f == 1.0 or len(node.input) <= index:
+                continue
+            name = node.input[index]
+            if name not in inits or uses.get(name, 0) != 1:
+                continue
+            scaled = numpy_helper.to_array(inits[name]) * np.float32(attrs[key].f)
+            inits[name].CopyFrom(numpy_helper.from_array(scaled.astype(scaled.dtype), name))
+            attrs[key].f = 1.0
+    return model
+
+
 def name_nodes(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     """Give every node a unique name, so errors and the audit trail can point at it."""
     seen: set[str] = set()
@@ -103,6 +129,7 @@ PASSES: list[tuple[str, Pass]] = [
     ("drop_initializer_inputs", drop_initializer_inputs),
     ("upgrade_opset", upgrade_opset),
     ("fold_and_fuse", fold_and_fuse),
+    ("fold_gemm_scales", fold_gemm_scales),
     ("recognise_lrn", recognise_lrn),
     ("remove_dead_nodes", remove_dead_nodes),
     ("name_nodes", name_nodes),

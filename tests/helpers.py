@@ -1,0 +1,155 @@
+"""Test helpers: run one rule template on one node with a chosen output relevance, and numpy references."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from onnxlrp.bindings import BindContext, bind
+from onnxlrp.compile import _Builder
+from onnxlrp.graph import GraphView
+from onnxlrp.templates import DOMAIN, library
+
+
+def _typed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fill in the graph outputs' types from shape inference (ORT refuses untyped outputs)."""
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for out in model.graph.output:
+        if out.name in known and known[out.name].type.tensor_type.elem_type:
+            out.CopyFrom(known[out.name])
+    return model
+
+
+def template_relevance(node: onnx.NodeProto, x: np.ndarray, r: np.ndarray, rule: str,
+                       weights: dict[str, np.ndarray] | None = None, x_index: int = 0, y_index: int = 0,
+                       extra_inputs: dict[str, np.ndarray] | None = None, **options) -> np.ndarray:
+    """Relevance for input ``x_index`` of ``node`` when relevance ``r`` arrives at output ``y_index``.
+
+    The node's input 0 (or every name in extra_inputs) is fed at run time; weights are initializers.
+    """
+    weights = weights or {}
+    extra_inputs = extra_inputs or {}
+    feeds = {node.input[0]: x, **extra_inputs}
+    graph = helper.make_graph(
+        [node], "single",
+        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+         for k, v in feeds.items()],
+        [helper.make_empty_tensor_value_info(o) for o in node.output if o],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    view = GraphView(model)
+    lib = library()
+    spec = lib.ops[node.op_type]
+    template = spec.template_for(rule, x_index)
+    builder = _Builder(taken={"R"} | {n for n in node.input} | set(node.output))
+    ctx = BindContext(view, 0, x_index, y_index, builder.constant, 18)
+    params = {"epsilon": 1e-6, "stabilizer": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0, "low": 0.0,
+              "high": 1.0, **options}
+    inputs, attrs = bind(ctx, lib.function(template), lib.attribute_types(template), params, spec.binder)
+    inputs = ["R" if i == "__R__" else i for i in inputs]
+    call = helper.make_node(template, inputs, ["R_X"], domain=DOMAIN)
+    call.attribute.extend(attrs)
+    graph = helper.make_graph(
+        list(model.graph.node) + [call], "template", list(model.graph.input) + [
+            helper.make_tensor_value_info("R", helper.np_dtype_to_tensor_dtype(r.dtype), list(r.shape))],
+        [helper.make_empty_tensor_value_info("R_X")],
+        list(model.graph.initializer) + builder.initializers)
+    full = _typed_outputs(helper.make_model(graph, functions=lib.closure([template]), ir_version=10, opset_imports=[
+        helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]))
+    onnx.checker.check_model(full, full_check=True)
+    session = ort.InferenceSession(full.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["R_X"], {**feeds, "R": r})[0]
+
+
+def forward(node: onnx.NodeProto, x: np.ndarray, weights: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """Run the bare node with ORT."""
+    weights = weights or {}
+    graph = helper.make_graph(
+        [node], "fwd", [helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, list(x.shape))],
+        [helper.make_empty_tensor_value_info(o) for o in node.output if o],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = _typed_outputs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10))
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {node.input[0]: x})
+
+
+# --- numpy references ---------------------------------------------------------------------------------------
+
+def conv_numpy(x, w, b, strides, pads, dilations, group):
+    """Direct N-D convolution (cross-correlation) in numpy, ONNX semantics."""
+    n, c = x.shape[:2]
+    m, cg = w.shape[:2]
+    k = w.shape[2:]
+    d = len(k)
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[a], pads[a + d]) for a in range(d)])
+    out_sp = [(xp.shape[2 + a] - dilations[a] * (k[a] - 1) - 1) // strides[a] + 1 for a in range(d)]
+    y = np.zeros([n, m] + out_sp, dtype=np.float64)
+    mg = m // group
+    for g in range(group):
+        xs = xp[:, g * cg:(g + 1) * cg]
+        ws = w[g * mg:(g + 1) * mg]
+        for offset in np.ndindex(*k):
+            sl = tuple(slice(offset[a] * dilations[a], offset[a] * dilations[a] + strides[a] * (out_sp[a] - 1) + 1,
+                             strides[a]) for a in range(d))
+            patch = xs[(slice(None), slice(None)) + sl]  # [n, cg, *out]
+            y[:, g * mg:(g + 1) * mg] += np.einsum("nc...,mc->nm...", patch, ws[(slice(None), slice(None)) + offset])
+    return y + b.reshape([1, m] + [1] * d)
+
+
+def dense_matrix(linear, in_shape):
+    """The matrix of a linear map (acting on one sample of shape in_shape), columns = input units."""
+    size = int(np.prod(in_shape))
+    eye = np.eye(size).reshape([size] + list(in_shape))
+    return linear(eye).reshape(size, -1).T
+
+
+def zennit_rule(rule: str, x, r, dense, w, b, gamma=0.25, alpha=2.0, beta=1.0, low=0.0, high=1.0, eps=1e-6):
+    """Zennit's rule definitions on one sample with dense matrices: dense(W) -> matrix, z = dense(W) x + b."""
+    def stab(z):
+        return z + eps * np.where(z >= 0, 1.0, -1.0)
+    pos, neg = (lambda a: np.clip(a, 0, None)), (lambda a: np.clip(a, None, 0))
+    xf, rf = x.reshape(-1), r.reshape(-1)
+    A = dense(w)
+    if rule == "epsilon":
+        z = A @ xf + b
+        out = xf * (A.T @ (rf / stab(z)))
+    elif rule == "zplus":
+        Ap, An = dense(pos(w)), dense(neg(w))
+        z = Ap @ pos(xf) + pos(b) + An @ neg(xf)
+        s = rf / stab(z)
+        out = pos(xf) * (Ap.T @ s) + neg(xf) * (An.T @ s)
+    elif rule == "alpha_beta":
+        Ap, An = dense(pos(w)), dense(neg(w))
+        zp = Ap @ pos(xf) + pos(b) + An @ neg(xf)
+        zn = An @ pos(xf) + neg(b) + Ap @ neg(xf)
+        sp, sn = rf / stab(zp), rf / stab(zn)
+        out = alpha * (pos(xf) * (Ap.T @ sp) + neg(xf) * (An.T @ sp)) \
+            - beta * (pos(xf) * (An.T @ sn) + neg(xf) * (Ap.T @ sn))
+    elif rule == "gamma":
+        Agp, Agn = dense(w + gamma * pos(w)), dense(w + gamma * neg(w))
+        z = A @ xf + b
+        zp = Agp @ pos(xf) + (b + gamma * pos(b)) + Agn @ neg(xf)
+        zn = Agn @ pos(xf) + (b + gamma * neg(b)) + Agp @ neg(xf)
+        sp, sn = rf * (z > 0) / stab(zp), rf * (z < 0) / stab(zn)
+        out = pos(xf) * (Agp.T @ sp) + neg(xf) * (Agn.T @ sp) + pos(xf) * (Agn.T @ sn) + neg(xf) * (Agp.T @ sn)
+    elif rule == "zbox":
+        Ap, An = dense(pos(w)), dense(neg(w))
+        lo, hi = np.full_like(xf, low), np.full_like(xf, high)
+        z = (A @ xf + b) - (Ap @ lo + pos(b)) - (An @ hi + neg(b))
+        s = rf / stab(z)
+        out = xf * (A.T @ s) - lo * (Ap.T @ s) - hi * (An.T @ s)
+    elif rule == "flat":
+        A1 = dense(np.ones_like(w))
+        z = A1 @ np.ones_like(xf)
+        out = A1.T @ (rf / stab(z))
+    elif rule == "wsquare":
+        A2 = dense(w * w)
+        z = A2 @ np.ones_like(xf) + b * b
+        out = A2.T @ (rf / stab(z))
+    elif rule == "gradient":
+        out = A.T @ rf
+    else:
+        raise ValueError(rule)
+    return out.reshape(x.shape)

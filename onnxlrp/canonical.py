@@ -5,7 +5,9 @@ returns the list of passes that changed something (recorded in the compiled mode
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -18,6 +20,20 @@ from .load import infer_shapes, upgrade_opset
 from .lrn_pattern import recognise_lrn
 
 Pass = Callable[[onnx.ModelProto, str], onnx.ModelProto]
+
+
+@contextlib.contextmanager
+def _quiet_onnxscript() -> Iterator[None]:
+    """onnxscript logs notes (e.g. skipped deduplications) that are no concern of our users."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def drop_initializer_inputs(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
@@ -43,9 +59,10 @@ def fold_and_fuse(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
         common_rules.matmul_add_to_gemm_rule,
     ]
     try:
-        model = onnxscript.optimizer.optimize(model)
-        model = rewrite(model, pattern_rewrite_rules=rules)
-        return onnxscript.optimizer.optimize(model)
+        with _quiet_onnxscript():
+            model = onnxscript.optimizer.optimize(model)
+            model = rewrite(model, pattern_rewrite_rules=rules)
+            return onnxscript.optimizer.optimize(model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OnnxlrpError(f"{source}: graph optimisation failed: {first}") from None

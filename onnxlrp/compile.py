@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__

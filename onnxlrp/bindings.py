@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, helper
 
+from .fusion import Fusion
 from .graph import GraphView
 
 
@@ -33,6 +34,26 @@ class BindContext:
     y: int
     add_constant: Callable[[str, np.ndarray], str]
     opset: int
+    fusion: Fusion | None = None
+
+    @property
+    def output(self) -> str:
+        """The layer's output: the node's output ``y``, or the last output of a fused layer."""
+        return self.fusion.output if self.fusion else self.node.output[self.y]
+
+    def weight(self) -> str:
+        """The weight the rules see (folded for fused layers)."""
+        if self.fusion and self.fusion.weight is not None:
+            return self.add_constant(f"{self.node.name}__folded_weight", self.fusion.weight)
+        return self.node.input[1]
+
+    def bias(self, units: int) -> str:
+        """The bias the rules see: folded, the node's own, or zeros."""
+        if self.fusion and self.fusion.bias is not None:
+            return self.add_constant(f"{self.node.name}__folded_bias", self.fusion.bias)
+        if len(self.node.input) > 2 and self.node.input[2]:
+            return self.node.input[2]
+        return self.add_constant(f"{self.node.name}__zero_bias", np.zeros([units], dtype=self.dtype(self.node.input[1])))
 
     @property
     def node(self) -> onnx.NodeProto:
@@ -86,7 +107,7 @@ def bind(ctx: BindContext, function: onnx.FunctionProto, attr_types: dict[str, i
         elif formal == "X":
             actual = node.input[ctx.x]
         elif formal == "Y":
-            actual = node.output[ctx.y]
+            actual = ctx.output
         elif formal == "R":
             actual = "__R__"  # filled in by the compiler
         elif formal == "Other":
@@ -167,10 +188,6 @@ def _transpose_padding(in_spatial, out_spatial, kernel, strides, dilations, pads
     return result
 
 
-def _zeros_bias(ctx: BindContext, size: int, like: str) -> str:
-    return ctx.add_constant(f"{ctx.node.name}__zero_bias", np.zeros([size], dtype=ctx.dtype(like)))
-
-
 def bind_conv(ctx: BindContext) -> Binding:
     node = ctx.node
     if ctx.x != 0:
@@ -182,8 +199,7 @@ def bind_conv(ctx: BindContext) -> Binding:
     strides = list(ctx.attr("strides", [1] * n))
     dilations = list(ctx.attr("dilations", [1] * n))
     pads = _explicit_pads(ctx, x_shape[2:], kernel, strides, dilations)
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else _zeros_bias(ctx, w_shape[0], node.input[1])
-    return {"W": node.input[1], "B": bias}, {
+    return {"W": ctx.weight(), "B": ctx.bias(w_shape[0])}, {
         "strides": strides, "dilations": dilations, "pads": pads, "group": ctx.attr("group", 1),
         "output_padding": _transpose_padding(x_shape[2:], y_shape[2:], kernel, strides, dilations, pads),
     }
@@ -195,13 +211,14 @@ def bind_gemm(ctx: BindContext) -> Binding:
         raise Unsupported("the Gemm weight (input B) is an activation (only constant weights are supported)")
     if ctx.attr("transA", 0):
         raise Unsupported("transA=1 is not supported")
-    if ctx.attr("alpha", 1.0) != 1.0 or ctx.attr("beta", 1.0) != 1.0:
-        raise Unsupported("alpha/beta != 1 with non-constant B or C (constant ones are folded into the weights)")
+    folded = ctx.fusion is not None and ctx.fusion.weight is not None
+    if not folded and (ctx.attr("alpha", 1.0) != 1.0 or ctx.attr("beta", 1.0) != 1.0):
+        raise Unsupported("alpha/beta != 1 with a non-constant B or C")
     trans_b = int(ctx.attr("transB", 0))
     w_shape = ctx.static_shape(node.input[1])
     units = w_shape[0] if trans_b else w_shape[1]
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else _zeros_bias(ctx, units, node.input[1])
-    return {"W": node.input[1], "B": bias}, {"transB": trans_b, "transB_bwd": 1 - trans_b}
+    scales = {"alpha": 1.0, "beta": 1.0} if folded else {}
+    return {"W": ctx.weight(), "B": ctx.bias(units)}, {"transB": trans_b, "transB_bwd": 1 - trans_b, **scales}
 
 
 def bind_matmul(ctx: BindContext) -> Binding:
@@ -211,7 +228,7 @@ def bind_matmul(ctx: BindContext) -> Binding:
     w_shape = ctx.static_shape(node.input[1])
     if len(w_shape) != 2:
         raise Unsupported(f"MatMul weight must be 2-D, got shape {w_shape}")
-    return {"W": node.input[1], "B": _zeros_bias(ctx, w_shape[1], node.input[1])}, {}
+    return {"W": ctx.weight(), "B": ctx.bias(w_shape[1])}, {}
 
 
 def bind_batchnorm(ctx: BindContext) -> Binding:

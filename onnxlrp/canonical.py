@@ -9,8 +9,8 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import onnx
+import onnx_ir
 import onnxscript
 from onnxscript.rewriter import rewrite
 from onnxscript.rewriter.rules import common as common_rules
@@ -48,21 +48,18 @@ def drop_initializer_inputs(model: onnx.ModelProto, source: str) -> onnx.ModelPr
     return model
 
 
-def fold_and_fuse(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
-    """onnxscript: fold constants, drop Identity/Dropout, fold BatchNormalization into the preceding Conv/Gemm,
-    and fuse MatMul + Add(constant) into Gemm."""
-    rules = [
-        common_rules.dropout_inference_rule,
-        common_rules.dropout_zero_rule,
-        common_rules.fuse_batchnorm_into_conv_rule,
-        common_rules.fuse_batchnorm_into_gemm_rule,
-        common_rules.matmul_add_to_gemm_rule,
-    ]
+def fold_constants(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """onnxscript: fold constant subgraphs and drop inference-mode Dropout. Nothing that changes the forward
+    numerics: BatchNormalization and bias Adds are folded into their linear layer for the rules only
+    (fusion.py), so the compiled model's original outputs stay bit-identical."""
+    rules = [common_rules.dropout_inference_rule, common_rules.dropout_zero_rule]
     try:
         with _quiet_onnxscript():
-            model = onnxscript.optimizer.optimize(model)
-            model = rewrite(model, pattern_rewrite_rules=rules)
-            return onnxscript.optimizer.optimize(model)
+            ir_model = onnx_ir.serde.deserialize_model(model)
+            onnxscript.optimizer.fold_constants(ir_model)
+            ir_model = rewrite(ir_model, pattern_rewrite_rules=rules)
+            onnxscript.optimizer.remove_unused_nodes(ir_model)
+            return onnx_ir.serde.serialize_model(ir_model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OnnxlrpError(f"{source}: graph optimisation failed: {first}") from None
@@ -95,31 +92,6 @@ def _node_reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def fold_gemm_scales(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
-    """Gemm with alpha/beta != 1 and constant B/C: scale the weights instead, so rules see the effective
-    weight alpha*B and bias beta*C (what a squared or clamped weight must be computed from)."""
-    from onnx import numpy_helper
-    inits = {t.name: t for t in model.graph.initializer}
-    uses: dict[str, int] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            uses[i] = uses.get(i, 0) + 1
-    for node in model.graph.node:
-        if node.op_type != "Gemm":
-            continue
-        attrs = {a.name: a for a in node.attribute}
-        for key, index in (("alpha", 1), ("beta", 2)):
-            if key not in attrs or attrs[key].f == 1.0 or len(node.input) <= index:
-                continue
-            name = node.input[index]
-            if name not in inits or uses.get(name, 0) != 1:
-                continue
-            scaled = numpy_helper.to_array(inits[name]) * np.float32(attrs[key].f)
-            inits[name].CopyFrom(numpy_helper.from_array(scaled.astype(scaled.dtype), name))
-            attrs[key].f = 1.0
-    return model
-
-
 def name_nodes(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     """Give every node a unique name, so errors and the audit trail can point at it."""
     seen: set[str] = set()
@@ -145,8 +117,7 @@ def maxpool_indices(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
 PASSES: list[tuple[str, Pass]] = [
     ("drop_initializer_inputs", drop_initializer_inputs),
     ("upgrade_opset", upgrade_opset),
-    ("fold_and_fuse", fold_and_fuse),
-    ("fold_gemm_scales", fold_gemm_scales),
+    ("fold_constants", fold_constants),
     ("recognise_lrn", recognise_lrn),
     ("remove_dead_nodes", remove_dead_nodes),
     ("name_nodes", name_nodes),

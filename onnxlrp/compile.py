@@ -16,6 +16,7 @@ from .bindings import BindContext, Unsupported, bind
 from .canonical import canonicalize
 from .composites import Composite, assign_rules, get_composite, node_category, validate_options
 from .errors import OnnxlrpError, UnsupportedError
+from .fusion import find_fusions
 from .graph import GraphView
 from .load import check, default_opset, model_source, read_model
 from .templates import DOMAIN, library
@@ -147,6 +148,8 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
     records: list[RuleRecord] = []
     unsupported: list[tuple[str, str, str]] = []
     options = {k: v for k, v in params.items() if k != "lrn_rule"}
+    fusions = find_fusions(view, path)
+    absorbed = {a: view.node_name(f.producer) for f in fusions.values() for a in f.absorbed}
 
     for index in reversed(path):
         node = view.nodes[index]
@@ -154,11 +157,17 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
         spec = lib.ops.get(node.op_type)
         record = RuleRecord(name, node.op_type, node_category(view, index), rule)
         records.append(record)
+        if index in absorbed:  # part of the linear layer that ends here; its producer applies the rule
+            record.rule, record.template = f"fused into {absorbed[index]}", None
+            continue
+        fusion = fusions.get(index)
         if spec is None or rule is None:
             why = "" if spec is None else f"no rule for category {record.category!r} in composite {chosen.name}"
             unsupported.append((name, node.op_type, why))
             continue
         for y, out in enumerate(node.output):
+            if fusion is not None and y == 0:
+                out = fusion.output
             if out not in contributions:
                 continue
             relevance = builder.total(contributions[out], f"{out}__R")
@@ -169,7 +178,7 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                     continue
                 record.template = template
                 try:
-                    ctx = BindContext(view, index, x, y, builder.constant, opset)
+                    ctx = BindContext(view, index, x, y, builder.constant, opset, fusion)
                     inputs, attrs = bind(ctx, lib.function(template), lib.attribute_types(template), options,
                                          spec.binder)
                 except Unsupported as exc:

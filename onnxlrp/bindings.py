@@ -199,9 +199,40 @@ def bind_conv(ctx: BindContext) -> Binding:
     strides = list(ctx.attr("strides", [1] * n))
     dilations = list(ctx.attr("dilations", [1] * n))
     pads = _explicit_pads(ctx, x_shape[2:], kernel, strides, dilations)
-    return {"W": ctx.weight(), "B": ctx.bias(w_shape[0])}, {
-        "strides": strides, "dilations": dilations, "pads": pads, "group": ctx.attr("group", 1),
-        "output_padding": _transpose_padding(x_shape[2:], y_shape[2:], kernel, strides, dilations, pads),
+    attrs = {"strides": strides, "dilations": dilations, "pads": pads, "group": ctx.attr("group", 1)}
+    if conv_variant(ctx) == "convgrouped":
+        attrs.update(_grouped_backward(ctx, x_shape, y_shape, w_shape, strides, pads, dilations))
+    else:
+        attrs["output_padding"] = _transpose_padding(x_shape[2:], y_shape[2:], kernel, strides, dilations, pads)
+    return {"W": ctx.weight(), "B": ctx.bias(w_shape[0])}, attrs
+
+
+def conv_variant(ctx: BindContext) -> str:
+    """Grouped convolutions use a Conv-based transposed pass (onnx.reference's ConvTranspose lacks groups)."""
+    return "convgrouped" if int(ctx.attr("group", 1)) > 1 else "conv"
+
+
+def _grouped_backward(ctx: BindContext, x_shape, y_shape, w_shape, strides, pads, dilations) -> dict[str, Any]:
+    """Attributes of convgrouped_bwd: spread S by the strides, transpose/flip W per group, pad for the output."""
+    group = int(ctx.attr("group", 1))
+    kernel, n = w_shape[2:], len(w_shape) - 2
+    out = y_shape[2:]
+    up_pads = [0] * (2 * (2 + 2 * n))
+    for a in range(n):
+        up_pads[(2 + 2 * n) + 3 + 2 * a] = strides[a] - 1
+    extra = _transpose_padding(x_shape[2:], out, kernel, strides, dilations, pads)
+    begin = [(kernel[a] - 1) * dilations[a] - pads[a] for a in range(n)]
+    end = [(kernel[a] - 1) * dilations[a] - pads[a + n] + extra[a] for a in range(n)]
+    if min(begin + end) < 0:
+        raise Unsupported("pads larger than the kernel's reach are not supported for grouped Conv")
+    m, cg = w_shape[0], w_shape[1]
+    return {
+        "up_axes": [3 + 2 * a for a in range(n)], "up_pads": up_pads,
+        "up_shape": [0, 0] + [out[a] * strides[a] for a in range(n)],
+        "up_ends": [(out[a] - 1) * strides[a] + 1 for a in range(n)], "spatial_axes": list(range(2, 2 + n)),
+        "w_group_shape": [group, m // group, cg] + list(kernel), "w_perm": [0, 2, 1] + list(range(3, 3 + n)),
+        "w_shape": [group * cg, m // group] + list(kernel), "flip_axes": list(range(2, 2 + n)),
+        "flip_starts": [-1] * n, "flip_ends": [-(2 ** 63)] * n, "flip_steps": [-1] * n, "bwd_pads": begin + end,
     }
 
 
@@ -328,6 +359,8 @@ def bind_pad(ctx: BindContext) -> Binding:
         raise Unsupported("Pad with negative pads (cropping) is not supported")
     return {}, {"starts": pads[: len(pads) // 2]}
 
+
+VARIANTS: dict[str, Callable[[BindContext], str]] = {"conv": conv_variant}
 
 BINDERS: dict[str, Callable[[BindContext], Binding]] = {
     "conv": bind_conv,

@@ -12,7 +12,7 @@ import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__
-from .bindings import BindContext, Unsupported, bind
+from .bindings import VARIANTS, BindContext, Unsupported, bind
 from .canonical import canonicalize
 from .composites import Composite, assign_rules, get_composite, node_category, validate_options
 from .errors import OnnxlrpError, UnsupportedError
@@ -172,13 +172,14 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                 continue
             relevance = builder.total(contributions[out], f"{out}__R")
             for x in view.activation_inputs(index):
-                template = spec.template_for(rule, x)
+                ctx = BindContext(view, index, x, y, builder.constant, opset, fusion)
+                linear = VARIANTS[spec.variant](ctx) if spec.variant else None
+                template = spec.template_for(rule, x, linear)
                 if template is None:
                     unsupported.append((name, node.op_type, f"no template for rule {rule!r}"))
                     continue
                 record.template = template
                 try:
-                    ctx = BindContext(view, index, x, y, builder.constant, opset, fusion)
                     inputs, attrs = bind(ctx, lib.function(template), lib.attribute_types(template), options,
                                          spec.binder)
                 except Unsupported as exc:

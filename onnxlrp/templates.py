@@ -35,13 +35,16 @@ class OpSpec:
     category_one_activation: str | None = None
     linear: str | None = None  # prefix of the fwd/bwd pair for linear ops
     binder: str | None = None
+    variant: str | None = None  # bindings.VARIANTS entry choosing the fwd/bwd pair per node
     elementwise: bool = False
     templates: dict[str, str | list[str]] = field(default_factory=dict)
 
-    def template_for(self, rule: str, input_index: int) -> str | None:
-        """Template name implementing ``rule`` for the given input of this op, or None."""
+    def template_for(self, rule: str, input_index: int, linear: str | None = None) -> str | None:
+        """Template name implementing ``rule`` for the given input of this op, or None.
+
+        linear: the fwd/bwd pair to use for a linear op (default: the op's own, see ``variant``)."""
         if self.linear is not None:
-            return f"{self.linear}_{rule}" if rule in library().linear_rules else None
+            return f"{linear or self.linear}_{rule}" if rule in library().linear_rules else None
         name = self.templates.get(rule)
         if isinstance(name, list):
             return name[input_index] if input_index < len(name) and name[input_index] else None
@@ -130,13 +133,14 @@ def attribute_types(function: FunctionProto) -> dict[str, int]:
 
 
 def _op_spec(name: str, table: dict) -> OpSpec:
-    known = {"category", "category_one_activation", "linear", "binder", "elementwise"}
+    known = {"category", "category_one_activation", "linear", "binder", "variant", "elementwise"}
     return OpSpec(
         op_type=name,
         category=table["category"],
         category_one_activation=table.get("category_one_activation"),
         linear=table.get("linear"),
         binder=table.get("binder"),
+        variant=table.get("variant"),
         elementwise=bool(table.get("elementwise", False)),
         templates={k: v for k, v in table.items() if k not in known},
     )

@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from onnxlrp.bindings import BindContext, bind
+from onnxlrp.bindings import VARIANTS, BindContext, bind
 from onnxlrp.compile import _Builder
 from onnxlrp.graph import GraphView
 from onnxlrp.templates import DOMAIN, library
@@ -43,9 +43,9 @@ def template_relevance(node: onnx.NodeProto, x: np.ndarray, r: np.ndarray, rule:
     view = GraphView(model)
     lib = library()
     spec = lib.ops[node.op_type]
-    template = spec.template_for(rule, x_index)
     builder = _Builder(taken={"R"} | {n for n in node.input} | set(node.output))
     ctx = BindContext(view, 0, x_index, y_index, builder.constant, 18)
+    template = spec.template_for(rule, x_index, VARIANTS[spec.variant](ctx) if spec.variant else None)
     params = {"epsilon": 1e-6, "stabilizer": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0, "low": 0.0,
               "high": 1.0, **options}
     inputs, attrs = bind(ctx, lib.function(template), lib.attribute_types(template), params, spec.binder)

@@ -44,8 +44,7 @@ def test_gradient_composite_equals_lrp0_without_biases(bias_free):
     np.testing.assert_allclose(gxi, (xt.grad * xt).detach().numpy(), rtol=1e-4, atol=1e-6)
 
 
-# alexnet_grouped is left out: onnx.reference's ConvTranspose cannot do group > 1 (see README, known limits)
-@pytest.mark.parametrize("name", ["lenet", "resnet_small", "concat"])
+@pytest.mark.parametrize("name", ["lenet", "alexnet_grouped", "resnet_small", "concat"])
 @pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box", "gradient"])
 @pytest.mark.parametrize("inline", [False, True])
 def test_reference_evaluator_equals_ort(exported, name, composite, inline):

@@ -24,6 +24,10 @@ class Unsupported(Exception):
     """This node cannot be bound (the message says why); collected into one UnsupportedError."""
 
 
+class NoRelevance(Exception):
+    """This input of the node receives no relevance under the rule (e.g. the gate of a product)."""
+
+
 @dataclass
 class BindContext:
     """One template application: node ``index``, explaining input ``x`` from output ``y``."""
@@ -35,6 +39,7 @@ class BindContext:
     add_constant: Callable[[str, np.ndarray], str]
     opset: int
     fusion: Fusion | None = None
+    rule: str = ""
 
     @property
     def output(self) -> str:
@@ -236,6 +241,36 @@ def _grouped_backward(ctx: BindContext, x_shape, y_shape, w_shape, strides, pads
     }
 
 
+GATES = {"Sigmoid", "HardSigmoid", "Softmax", "Tanh"}
+_SHAPE_ONLY = {"Reshape", "Unsqueeze", "Squeeze", "Expand", "Identity", "Flatten"}
+
+
+def gate_index(ctx: BindContext) -> int:
+    """Which operand of a product of two activations is the gate: the one produced by a squashing function
+    (Sigmoid, HardSigmoid, Softmax, Tanh), else the one that is broadcast (smaller)."""
+    view, node = ctx.view, ctx.node
+    candidates = []
+    for k, name in enumerate(node.input):
+        while name in view.producer and view.nodes[view.producer[name][0]].op_type in _SHAPE_ONLY:
+            name = view.nodes[view.producer[name][0]].input[0]
+        if name in view.producer and view.nodes[view.producer[name][0]].op_type in GATES:
+            candidates.append(k)
+    if len(candidates) == 1:
+        return candidates[0]
+    shapes = [view.shape(n) for n in node.input]
+    if all(s is not None and None not in s for s in shapes):
+        sizes = [int(np.prod(s)) for s in shapes]
+        if sizes[0] != sizes[1]:
+            return int(np.argmin(sizes))
+    raise Unsupported("product of two activations where neither operand is recognisably the gate")
+
+
+def bind_product(ctx: BindContext) -> Binding:
+    if ctx.rule == "gate" and len(ctx.view.activation_inputs(ctx.index)) > 1 and ctx.x == gate_index(ctx):
+        raise NoRelevance()
+    return {}, {}
+
+
 def bind_gemm(ctx: BindContext) -> Binding:
     node = ctx.node
     if ctx.x != 0:
@@ -325,15 +360,17 @@ def bind_split(ctx: BindContext) -> Binding:
 
 
 def bind_slice(ctx: BindContext) -> Binding:
+    """Slice's optional axes/steps, made explicit (their length is that of starts)."""
     node = ctx.node
-    rank = ctx.rank(node.input[0])
+    starts_shape = ctx.view.shape(node.input[1])
+    if starts_shape is None or len(starts_shape) != 1 or starts_shape[0] is None:
+        raise Unsupported("needs the length of Slice's starts")
+    count = starts_shape[0]
     extra = {}
     if len(node.input) < 4 or not node.input[3]:
-        extra["axes"] = ctx.add_constant(f"{node.name}__axes", np.arange(rank, dtype=np.int64))
+        extra["axes"] = ctx.add_constant(f"{node.name}__axes", np.arange(count, dtype=np.int64))
     if len(node.input) < 5 or not node.input[4]:
-        n_axes = len(ctx.view.constant_value(node.input[1]) if ctx.view.constant_value(node.input[1]) is not None
-                     else range(rank))
-        extra["steps"] = ctx.add_constant(f"{node.name}__steps", np.ones([n_axes], dtype=np.int64))
+        extra["steps"] = ctx.add_constant(f"{node.name}__steps", np.ones([count], dtype=np.int64))
     return extra, {}
 
 
@@ -366,6 +403,7 @@ BINDERS: dict[str, Callable[[BindContext], Binding]] = {
     "conv": bind_conv,
     "gemm": bind_gemm,
     "matmul": bind_matmul,
+    "product": bind_product,
     "batchnorm": bind_batchnorm,
     "averagepool": bind_averagepool,
     "lrn": bind_lrn,

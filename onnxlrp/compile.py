@@ -12,18 +12,20 @@ import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__
-from .bindings import VARIANTS, BindContext, Unsupported, bind
+from .bindings import VARIANTS, BindContext, NoRelevance, Unsupported, bind
 from .canonical import canonicalize
 from .composites import Composite, assign_rules, get_composite, node_category, validate_options
 from .errors import OnnxlrpError, UnsupportedError
 from .fusion import find_fusions
 from .graph import GraphView
+from .shapes import probe_shapes
 from .load import check, default_opset, model_source, read_model
 from .templates import DOMAIN, library
 
 #: IR version written: accepted by every onnxruntime from 1.16 on (onnx >= 1.20 would write 14, too new for ORT).
 IR_VERSION = 10
 TARGET_INPUT = "target"
+NO_RELEVANCE = "none"  # ops.toml template name: this input receives no relevance
 RELEVANCE_SUFFIX = "_relevance"
 
 
@@ -94,6 +96,11 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     view = GraphView(proto)
     explained = _explained_tensor(view, explain_output, source)
     path = view.relevance_path(explained)
+    tensors = {t for i in path for t in list(view.nodes[i].input) + list(view.nodes[i].output)
+               if t in view.activations}
+    unknown = view.incomplete_shapes(sorted(tensors))
+    if unknown:
+        view.fill_shapes(probe_shapes(view, unknown))
     rules = assign_rules(view, path, chosen)
 
     builder = _Builder(taken=_all_names(proto))
@@ -172,16 +179,20 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                 continue
             relevance = builder.total(contributions[out], f"{out}__R")
             for x in view.activation_inputs(index):
-                ctx = BindContext(view, index, x, y, builder.constant, opset, fusion)
+                ctx = BindContext(view, index, x, y, builder.constant, opset, fusion, rule)
                 linear = VARIANTS[spec.variant](ctx) if spec.variant else None
                 template = spec.template_for(rule, x, linear)
                 if template is None:
                     unsupported.append((name, node.op_type, f"no template for rule {rule!r}"))
                     continue
+                if template == NO_RELEVANCE:
+                    continue
                 record.template = template
                 try:
                     inputs, attrs = bind(ctx, lib.function(template), lib.attribute_types(template), options,
                                          spec.binder)
+                except NoRelevance:
+                    continue
                 except Unsupported as exc:
                     unsupported.append((name, node.op_type, str(exc)))
                     continue

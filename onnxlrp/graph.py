@@ -85,6 +85,21 @@ class GraphView:
         return [i for i, node in enumerate(self.nodes)
                 if any(o in upstream for o in node.output) and self.activation_inputs(i)]
 
+    def fill_shapes(self, shapes: dict[str, list[int | None] | None]) -> None:
+        """Complete unknown dimensions with probed ones (see shapes.probe_shapes)."""
+        for name, probed in shapes.items():
+            if probed is None:
+                continue
+            info = self.info.setdefault(name, TensorInfo())
+            if info.shape is None or len(info.shape) != len(probed):
+                info.shape = list(probed)
+            else:
+                info.shape = [d if d is not None else p for d, p in zip(info.shape, probed)]
+
+    def incomplete_shapes(self, names) -> list[str]:
+        """Tensors among ``names`` with an unknown rank or unknown non-batch dimension."""
+        return [n for n in names if self.shape(n) is None or None in self.shape(n)[1:]]
+
     def shape(self, name: str) -> list[int | None] | None:
         """Static shape of a tensor as far as shape inference knows it."""
         return self.info.get(name, TensorInfo()).shape

@@ -14,4 +14,4 @@ def test_readme_tables_match_rules():
     for key, table in generated_sections().items():
         match = re.search(rf"<!-- BEGIN {key} [^>]*-->\n(.*?)<!-- END {key} -->", text, flags=re.S)
         assert match, f"README lacks the generated {key} section"
-        assert match.group(1).strip() == table.strip(), f"README {key} table is stale: run python -m onnxlrp.docs"
+        assert match.group(1).strip() == table.strip(), f"README {key} table is stale: run python -m onnxlrp.docs --write"

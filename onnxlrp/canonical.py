@@ -126,12 +126,21 @@ PASSES: list[tuple[str, Pass]] = [
 ]
 
 
+def _signature(model: onnx.ModelProto) -> tuple:
+    """What a pass may change, cheap to compare (no initializer data)."""
+    graph = model.graph
+    return (tuple(n.SerializeToString(deterministic=True) for n in graph.node),
+            tuple(vi.SerializeToString(deterministic=True) for vi in list(graph.input) + list(graph.output)),
+            tuple((t.name, tuple(t.dims)) for t in graph.initializer),
+            tuple((o.domain, o.version) for o in model.opset_import))
+
+
 def canonicalize(model: onnx.ModelProto, source: str) -> tuple[onnx.ModelProto, list[str]]:
     """Run every pass; return the canonical model and the names of the passes that changed it."""
     applied = []
     for name, run in PASSES:
-        before = model.SerializeToString(deterministic=True)
+        before = _signature(model)
         model = run(model, source)
-        if name != "infer_shapes" and model.SerializeToString(deterministic=True) != before:
+        if name != "infer_shapes" and _signature(model) != before:
             applied.append(name)
     return model, applied

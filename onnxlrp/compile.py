@@ -19,7 +19,7 @@ from .errors import OnnxlrpError, UnsupportedError
 from .fusion import find_fusions
 from .graph import GraphView
 from .shapes import probe_shapes
-from .load import check, default_opset, model_source, read_model
+from .load import check, default_opset, model_source, read_model, weightless
 from .templates import DOMAIN, library
 
 #: IR version written: accepted by every onnxruntime from 1.16 on (onnx >= 1.20 would write 14, too new for ORT).
@@ -111,7 +111,7 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     if inline:
         compiled = onnx.inliner.inline_local_functions(compiled)
     try:
-        onnx.checker.check_model(compiled, full_check=True)
+        onnx.checker.check_model(weightless(compiled), full_check=True)
     except Exception as exc:  # ValidationError or InferenceError
         raise OnnxlrpError(f"{source}: internal error, the compiled model fails onnx.checker: "
                            f"{str(exc).strip().splitlines()[0]}") from None

@@ -34,6 +34,11 @@ def find_fusions(view: GraphView, path: list[int]) -> dict[int, Fusion]:
         node = view.nodes[index]
         if node.op_type not in LINEAR_OPS or node.input[1] in view.activations:
             continue
+        consumers = view.consumers.get(node.output[0], [])
+        follower = view.nodes[consumers[0]].op_type if len(consumers) == 1 else None
+        scaled = node.op_type == "Gemm" and (_attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0)
+        if follower not in ("BatchNormalization", "Add") and not scaled:
+            continue  # nothing to fold: skip reading the weights
         weight = view.constant_value(node.input[1])
         bias = view.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if weight is None or (len(node.input) > 2 and node.input[2] and bias is None):

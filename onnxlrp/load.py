@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import version_converter
@@ -63,10 +64,32 @@ def upgrade_opset(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
             f"{source}: cannot upgrade opset {default_opset(model)} to {TARGET_OPSET}: {first}") from None
 
 
+#: Initializers with more elements than this are replaced by typed graph inputs in `weightless` copies.
+LARGE_INITIALIZER = 1024
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large initializers are graph inputs of the same type and shape: the checker and shape
+    inference then run in milliseconds instead of serialising hundreds of MB (small ones keep their data for
+    data propagation of shape computations)."""
+    graph = model.graph
+    listed = {vi.name for vi in graph.input}
+    small = [t for t in graph.initializer if int(np.prod(t.dims)) <= LARGE_INITIALIZER]
+    large = [t for t in graph.initializer if int(np.prod(t.dims)) > LARGE_INITIALIZER]
+    light = onnx.helper.make_graph(
+        list(graph.node), graph.name,
+        list(graph.input) + [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in large if t.name not in listed],
+        list(graph.output), small, value_info=list(graph.value_info))
+    copy = onnx.helper.make_model(light, opset_imports=list(model.opset_import), functions=list(model.functions))
+    copy.ir_version = model.ir_version
+    return copy
+
+
 def check(model: onnx.ModelProto, source: str) -> None:
     """Run onnx's checker on the input model and turn its complaint into a one-line error."""
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(weightless(model))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
         raise OnnxlrpError(f"{source}: invalid ONNX model: {first}") from None
@@ -75,7 +98,10 @@ def check(model: onnx.ModelProto, source: str) -> None:
 def infer_shapes(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     """onnx shape inference with data propagation (so Reshape targets computed from shapes resolve)."""
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(weightless(model), data_prop=True)
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(inferred.graph.value_info)
+        return model
     except Exception as exc:
         first = str(exc).strip().splitlines()[0]
         raise OnnxlrpError(f"{source}: shape inference failed: {first}") from None

@@ -40,6 +40,7 @@ class BindContext:
     opset: int
     fusion: Fusion | None = None
     rule: str = ""
+    add_node: Callable[[str, list[str], str], str] | None = None
 
     @property
     def output(self) -> str:
@@ -205,11 +206,18 @@ def bind_conv(ctx: BindContext) -> Binding:
     dilations = list(ctx.attr("dilations", [1] * n))
     pads = _explicit_pads(ctx, x_shape[2:], kernel, strides, dilations)
     attrs = {"strides": strides, "dilations": dilations, "pads": pads, "group": ctx.attr("group", 1)}
+    inputs = {"W": ctx.weight(), "B": ctx.bias(w_shape[0])}
+    consumers = ctx.view.consumers.get(ctx.output, [])
+    if ctx.fusion is None and len(consumers) == 1 and fused_summand(ctx.view, consumers[0]) is not None:
+        add = ctx.view.nodes[consumers[0]]
+        k = fused_summand(ctx.view, consumers[0])
+        if add.input[k] == ctx.output:  # read this conv's output as (Add output - other summand), see above
+            inputs["Y"] = ctx.add_node("Sub", [add.output[0], add.input[1 - k]], f"{ctx.output}__recomputed")
     if conv_variant(ctx) == "convgrouped":
         attrs.update(_grouped_backward(ctx, x_shape, y_shape, w_shape, strides, pads, dilations))
     else:
         attrs["output_padding"] = _transpose_padding(x_shape[2:], y_shape[2:], kernel, strides, dilations, pads)
-    return {"W": ctx.weight(), "B": ctx.bias(w_shape[0])}, attrs
+    return inputs, attrs
 
 
 def conv_variant(ctx: BindContext) -> str:
@@ -322,6 +330,18 @@ def bind_averagepool(ctx: BindContext) -> Binding:
     }
 
 
+def bind_maxpool(ctx: BindContext) -> Binding:
+    kernel = list(ctx.attr("kernel_shape"))
+    n = len(kernel)
+    strides, dilations = list(ctx.attr("strides", [1] * n)), list(ctx.attr("dilations", [1] * n))
+    auto_pad = ctx.attr("auto_pad", b"NOTSET")
+    in_spatial = ctx.static_shape(ctx.node.input[0], 2)[2:] if auto_pad not in (b"NOTSET", "NOTSET", b"", "") \
+        else [None] * n
+    return {}, {"kernel_shape": kernel, "strides": strides, "dilations": dilations,
+                "pads": _explicit_pads(ctx, in_spatial, kernel, strides, dilations),
+                "ceil_mode": int(ctx.attr("ceil_mode", 0))}
+
+
 def bind_lrn(ctx: BindContext) -> Binding:
     size = int(ctx.attr("size"))
     lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
@@ -397,7 +417,26 @@ def bind_pad(ctx: BindContext) -> Binding:
     return {}, {"starts": pads[: len(pads) // 2]}
 
 
-VARIANTS: dict[str, Callable[[BindContext], str]] = {"conv": conv_variant}
+def fused_summand(view: GraphView, add_index: int) -> int | None:
+    """The input of a two-input Add that ONNX Runtime fuses into the Conv producing it (the first one that
+    comes from a Conv read by nothing else). The relevance pass must not read that tensor: an extra reader
+    stops the fusion and changes the original outputs in their last bits."""
+    node = view.nodes[add_index]
+    if node.op_type != "Add" or len(node.input) != 2:
+        return None
+    for k, name in enumerate(node.input):
+        if name in view.producer and view.nodes[view.producer[name][0]].op_type == "Conv" \
+                and len(view.consumers.get(name, [])) == 1:
+            return k
+    return None
+
+
+def add_variant(ctx: BindContext) -> str | None:
+    """"complement" (read x as y - other) for the summand that ONNX Runtime fuses into its Conv."""
+    return "complement" if fused_summand(ctx.view, ctx.index) == ctx.x else None
+
+
+VARIANTS: dict[str, Callable[[BindContext], str | None]] = {"conv": conv_variant, "add": add_variant}
 
 BINDERS: dict[str, Callable[[BindContext], Binding]] = {
     "conv": bind_conv,
@@ -407,6 +446,7 @@ BINDERS: dict[str, Callable[[BindContext], Binding]] = {
     "batchnorm": bind_batchnorm,
     "averagepool": bind_averagepool,
     "lrn": bind_lrn,
+    "maxpool": bind_maxpool,
     "transpose": bind_transpose,
     "concat": bind_concat,
     "split": bind_split,

@@ -104,16 +104,6 @@ def name_nodes(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     return model
 
 
-def maxpool_indices(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
-    """Ask every MaxPool for its Indices output (the winner positions the relevance is routed to)."""
-    for node in model.graph.node:
-        if node.op_type == "MaxPool" and (len(node.output) < 2 or not node.output[1]):
-            if len(node.output) < 2:
-                node.output.append("")
-            node.output[1] = f"{node.output[0]}__indices"
-    return model
-
-
 PASSES: list[tuple[str, Pass]] = [
     ("drop_initializer_inputs", drop_initializer_inputs),
     ("upgrade_opset", upgrade_opset),
@@ -121,7 +111,6 @@ PASSES: list[tuple[str, Pass]] = [
     ("recognise_lrn", recognise_lrn),
     ("remove_dead_nodes", remove_dead_nodes),
     ("name_nodes", name_nodes),
-    ("maxpool_indices", maxpool_indices),
     ("infer_shapes", infer_shapes),
 ]
 

@@ -70,6 +70,12 @@ class _Builder:
         self.functions.add(template)
         return outputs
 
+    def plain(self, op: str, inputs: list[str], hint: str) -> str:
+        """A default-domain node with one output."""
+        out = self.fresh(hint)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=self.fresh(f"lrp/{hint}")))
+        return out
+
     def total(self, parts: list[str], hint: str) -> str:
         if len(parts) == 1:
             return parts[0]
@@ -179,7 +185,7 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                 continue
             relevance = builder.total(contributions[out], f"{out}__R")
             for x in view.activation_inputs(index):
-                ctx = BindContext(view, index, x, y, builder.constant, opset, fusion, rule)
+                ctx = BindContext(view, index, x, y, builder.constant, opset, fusion, rule, builder.plain)
                 linear = VARIANTS[spec.variant](ctx) if spec.variant else None
                 template = spec.template_for(rule, x, linear)
                 if template is None:

@@ -39,13 +39,16 @@ class OpSpec:
     elementwise: bool = False
     templates: dict[str, str | list[str]] = field(default_factory=dict)
 
-    def template_for(self, rule: str, input_index: int, linear: str | None = None) -> str | None:
+    def template_for(self, rule: str, input_index: int, variant: str | None = None) -> str | None:
         """Template name implementing ``rule`` for the given input of this op, or None.
 
-        linear: the fwd/bwd pair to use for a linear op (default: the op's own, see ``variant``)."""
+        variant: for a linear op, the fwd/bwd pair to use (default: the op's own); otherwise a replacement
+        template for this node (see ``variant`` in ops.toml)."""
         if self.linear is not None:
-            return f"{linear or self.linear}_{rule}" if rule in library().linear_rules else None
+            return f"{variant or self.linear}_{rule}" if rule in library().linear_rules else None
         name = self.templates.get(rule)
+        if variant and isinstance(name, str) and f"{name}_{variant}" in library().functions:
+            return f"{name}_{variant}"
         if isinstance(name, list):
             return name[input_index] if input_index < len(name) and name[input_index] else None
         return name

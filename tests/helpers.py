@@ -44,7 +44,7 @@ def template_relevance(node: onnx.NodeProto, x: np.ndarray, r: np.ndarray, rule:
     lib = library()
     spec = lib.ops[node.op_type]
     builder = _Builder(taken={"R"} | {n for n in node.input} | set(node.output))
-    ctx = BindContext(view, 0, x_index, y_index, builder.constant, 18)
+    ctx = BindContext(view, 0, x_index, y_index, builder.constant, 18, add_node=builder.plain)
     template = spec.template_for(rule, x_index, VARIANTS[spec.variant](ctx) if spec.variant else None)
     params = {"epsilon": 1e-6, "stabilizer": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0, "low": 0.0,
               "high": 1.0, **options}
@@ -53,7 +53,7 @@ def template_relevance(node: onnx.NodeProto, x: np.ndarray, r: np.ndarray, rule:
     call = helper.make_node(template, inputs, ["R_X"], domain=DOMAIN)
     call.attribute.extend(attrs)
     graph = helper.make_graph(
-        list(model.graph.node) + [call], "template", list(model.graph.input) + [
+        list(model.graph.node) + builder.nodes + [call], "template", list(model.graph.input) + [
             helper.make_tensor_value_info("R", helper.np_dtype_to_tensor_dtype(r.dtype), list(r.shape))],
         [helper.make_empty_tensor_value_info("R_X")],
         list(model.graph.initializer) + builder.initializers)

@@ -17,7 +17,7 @@ from .canonical import canonicalize
 from .composites import Composite, assign_rules, get_composite, node_category, validate_options
 from .errors import OnnxlrpError, UnsupportedError
 from .fusion import find_fusions
-from .graph import GraphView
+from .graph import FLOAT_TYPES, GraphView
 from .shapes import probe_shapes
 from .load import check, default_opset, model_source, read_model, weightless
 from .templates import DOMAIN, library
@@ -235,9 +235,11 @@ def _finish_inputs(view: GraphView, chosen: Composite, contributions: dict[str, 
         target = vi.name + RELEVANCE_SUFFIX
         parts = contributions.get(vi.name)
         if not parts:
-            builder.nodes.append(helper.make_node(
-                "Identity", builder.call("zeros_like", [vi.name], f"{target}__zeros"), [target],
-                name=builder.fresh(f"lrp/{target}")))
+            (zeros,) = builder.call("zeros_like", [vi.name], f"{target}__zeros")
+            cast = vi.type.tensor_type.elem_type not in FLOAT_TYPES
+            builder.nodes.append(helper.make_node("Cast" if cast else "Identity", [zeros], [target],
+                                                  name=builder.fresh(f"lrp/{target}"),
+                                                  **({"to": TensorProto.FLOAT} if cast else {})))
             continue
         signal = builder.total(parts, f"{target}__signal")
         if chosen.signal == "gradient":
@@ -263,6 +265,8 @@ def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], cho
         out = onnx.ValueInfoProto()
         out.CopyFrom(vi)
         out.name = vi.name + RELEVANCE_SUFFIX
+        if out.type.tensor_type.elem_type not in FLOAT_TYPES:  # a raw integer image: relevance as float32
+            out.type.tensor_type.elem_type = TensorProto.FLOAT
         graph.output.append(out)
 
     opset = default_opset(source)

@@ -52,9 +52,20 @@ class GraphView:
 
     @property
     def float_inputs(self) -> list[onnx.ValueInfoProto]:
-        """Graph inputs of a floating-point type (the ones that receive relevance)."""
-        return [vi for vi in self.model.graph.input
-                if vi.name not in self.initializers and vi.type.tensor_type.elem_type in FLOAT_TYPES]
+        """The inputs that receive relevance: floating-point inputs, and integer inputs (raw uint8 images) that
+        the model only casts to a floating-point type."""
+        chosen = []
+        for vi in self.model.graph.input:
+            if vi.name in self.initializers:
+                continue
+            if vi.type.tensor_type.elem_type in FLOAT_TYPES or self._cast_to_float_only(vi.name):
+                chosen.append(vi)
+        return chosen
+
+    def _cast_to_float_only(self, name: str) -> bool:
+        readers = [self.nodes[i] for i in self.consumers.get(name, [])]
+        return bool(readers) and all(
+            n.op_type == "Cast" and any(a.name == "to" and a.i in FLOAT_TYPES for a in n.attribute) for n in readers)
 
     def _find_activations(self) -> set[str]:
         """Float tensors that depend on a float graph input (everything else is a constant or shape data)."""

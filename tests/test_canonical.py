@@ -144,3 +144,50 @@ def test_external_data_model(tmp_path, exported):
     _, a = onnxlrp.Explainer(path).explain(x)
     _, b = onnxlrp.Explainer(exported("lenet", "torchscript17")).explain(x)
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def _core_nodes(first: str) -> list[onnx.NodeProto]:
+    return [helper.make_node("Conv", [first, "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+            helper.make_node("GlobalAveragePool", ["p"], ["g"]),
+            helper.make_node("Flatten", ["g"], ["f"]),
+            helper.make_node("Gemm", ["f", "fw", "fb"], ["logits"], transB=1)]
+
+
+def _core_weights() -> list[onnx.TensorProto]:
+    rng = np.random.default_rng(3)
+    return [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.5, n)
+            for n, s in [("w", (5, 3, 3, 3)), ("b", (5,)), ("fw", (4, 5)), ("fb", (4,))]]
+
+
+@pytest.mark.parametrize("raw_type", [TensorProto.UINT8, TensorProto.FLOAT])
+def test_preprocessing_in_the_graph(raw_type):
+    """Cast, Sub mean, Div std and an NHWC->NCHW Transpose in front of the network (how tf2onnx and hand-made
+    deployment graphs look): relevance of the raw input equals the core network's relevance at the normalised
+    NCHW input, moved back to NHWC."""
+    mean = numpy_helper.from_array(np.array([120.0, 110.0, 100.0], np.float32), "mean")
+    std = numpy_helper.from_array(np.array([60.0, 50.0, 55.0], np.float32), "std")
+    pre = [helper.make_node("Cast", ["raw"], ["rawf"], to=TensorProto.FLOAT),
+           helper.make_node("Sub", ["rawf", "mean"], ["centred"]),
+           helper.make_node("Div", ["centred", "std"], ["scaled"]),
+           helper.make_node("Transpose", ["scaled"], ["nchw"], perm=[0, 3, 1, 2])]
+    full = helper.make_model(helper.make_graph(
+        pre + _core_nodes("nchw"), "pre", [helper.make_tensor_value_info("raw", raw_type, ["N", 8, 8, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], _core_weights() + [mean, std]),
+        opset_imports=[helper.make_opsetid("", 18)])
+    core = helper.make_model(helper.make_graph(
+        _core_nodes("x"), "core", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], _core_weights()),
+        opset_imports=[helper.make_opsetid("", 18)])
+    raw = np.random.default_rng(4).integers(0, 256, (2, 8, 8, 3)).astype(
+        np.uint8 if raw_type == TensorProto.UINT8 else np.float32)
+    compiled = onnxlrp.compile_model(full, "epsilon_plus")
+    out = [o for o in compiled.graph.output if o.name == "raw_relevance"][0]
+    assert out.type.tensor_type.elem_type == TensorProto.FLOAT
+    _, relevance = onnxlrp.Explainer(full, composite="epsilon_plus").explain(raw, target=[1, 2])
+    normalised = ((raw.astype(np.float32) - [120.0, 110.0, 100.0]) / [60.0, 50.0, 55.0]).astype(np.float32)
+    _, expected = onnxlrp.Explainer(core, composite="epsilon_plus").explain(normalised.transpose(0, 3, 1, 2),
+                                                                           target=[1, 2])
+    assert relevance.dtype == np.float32 and relevance.shape == raw.shape
+    np.testing.assert_allclose(relevance, expected.transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-6)

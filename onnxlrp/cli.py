@@ -66,17 +66,70 @@ def main() -> None:
               help=f"Rule for LRN layers: {', '.join(LRN_RULES)}.")
 @click.option("--explain-output", default=None, help="Output to explain [default: the first].")
 @click.option("--inline", is_flag=True, help="Inline the rule functions (plain ONNX graph, no local functions).")
+@click.option("--emit-layers", is_flag=True,
+              help="Add an output layer_relevance__<node> [N] per rule application (relevance sum per sample).")
+@click.option("--check", is_flag=True,
+              help="Run the compiled model once on random input and print the conservation table.")
 def compile_command(model: Path, output: Path | None, composite: str, explain_output: str | None, inline: bool,
-                    **options) -> None:
+                    emit_layers: bool, check: bool, **options) -> None:
     """Compile MODEL into an explaining model with an extra input `target` and outputs `<input>_relevance`."""
     from .compile import compile_model
     output = output or model.with_suffix(".lrp.onnx")
     try:
-        compiled = compile_model(model, composite, explain_output=explain_output, inline=inline, **options)
+        compiled = compile_model(model, composite, explain_output=explain_output, inline=inline,
+                                 emit_layers=emit_layers, **options)
+        report = _check_report(model, composite, explain_output, options) if check else None
         write_model_atomically(compiled, output)
     except OnnxlrpError as exc:
         _fail(str(exc))
+    if report:
+        click.echo(report)
     click.echo(f"wrote {output} (composite {composite})")
+
+
+def _check_report(model: Path, composite: str, explain_output: str | None, options: dict) -> str:
+    """Compile with per-layer totals, run once on random input, and render the conservation table."""
+    import numpy as np
+
+    from .compile import RELEVANCE_SUFFIX, compile_model, make_plan
+    from .report import conservation_rows, conservation_text, random_feeds
+    from .runtime import make_session
+    checked = compile_model(model, composite, explain_output=explain_output, emit_layers="check", **options)
+    try:
+        feeds = random_feeds(checked)
+    except ValueError as exc:
+        raise OnnxlrpError(f"{model}: --check: {exc}") from None
+    feeds["target"] = np.full(next(iter(feeds.values())).shape[0], -1, dtype=np.int64)
+    session = make_session(checked)
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(names, feeds)))
+    meta = {p.key: p.value for p in checked.metadata_props}
+    records = make_plan(model, composite, explain_output=explain_output, **options).records
+    rows = conservation_rows(records, values, meta["onnxlrp.signal"])
+    start = rows[-1]["arriving"] if rows else 0.0
+    total = float(np.mean(sum(v.reshape(v.shape[0], -1).sum(1) for k, v in values.items()
+                              if k.endswith(RELEVANCE_SUFFIX))))
+    return conservation_text(rows, start, total)
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--composite", default="epsilon_plus_flat", show_default=True,
+              help=f"Rule preset: {', '.join(composite_names())}.")
+@click.option("--explain-output", default=None, help="Output to explain [default: the first].")
+@click.option("--lrn-rule", default=DEFAULT_OPTIONS["lrn_rule"], show_default=True,
+              help=f"Rule for LRN layers: {', '.join(LRN_RULES)}.")
+def inspect_command(model: Path, composite: str, explain_output: str | None, lrn_rule: str) -> None:
+    """Show, before compiling, the rule every node on the relevance path gets; exit 2 if any is unsupported."""
+    from .compile import make_plan
+    from .report import inspect_text
+    try:
+        plan = make_plan(model, composite, explain_output=explain_output, lrn_rule=lrn_rule)
+    except OnnxlrpError as exc:
+        _fail(str(exc))
+    click.echo(inspect_text(plan))
+    if plan.unsupported:
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__
-from .bindings import VARIANTS, BindContext, NoRelevance, Unsupported, bind
+from .bindings import RULE_PARAMETER_PREFIX, VARIANTS, BindContext, NoRelevance, Unsupported, bind
 from .canonical import canonicalize
 from .composites import Composite, assign_rules, get_composite, node_category, validate_options
 from .errors import OnnxlrpError, UnsupportedError
@@ -38,6 +38,14 @@ class RuleRecord:
     category: str | None
     rule: str | None
     template: str | None = None
+    params: dict = field(default_factory=dict)
+    arriving: list[str] = field(default_factory=list, repr=False)  # relevance tensors at its outputs
+    passed: list[str] = field(default_factory=list, repr=False)    # relevance tensors it gives its inputs
+
+    def public(self) -> dict:
+        """The fields recorded in the metadata."""
+        return {"node": self.node, "op": self.op, "category": self.category, "rule": self.rule,
+                "template": self.template, "params": self.params}
 
 
 @dataclass
@@ -84,12 +92,49 @@ class _Builder:
         return out
 
 
+@dataclass
+class Plan:
+    """Everything the reverse walk decided, before the model is assembled (also what `inspect` shows)."""
+
+    source: str
+    view: GraphView
+    builder: _Builder
+    records: list[RuleRecord]
+    unsupported: list[tuple[str, str, str]]
+    composite: Composite
+    params: dict
+    canonicalizations: list[str]
+
+
 def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
-                  explain_output: str | None = None, inline: bool = False, **options) -> onnx.ModelProto:
+                  explain_output: str | None = None, inline: bool = False, emit_layers: bool = False,
+                  **options) -> onnx.ModelProto:
     """Compile a model into one that also outputs ``<input>_relevance`` for the class given by input ``target``.
 
     options: epsilon, stabilizer, gamma, alpha, beta, low, high, lrn_rule (see composites.DEFAULT_OPTIONS).
+    emit_layers: add an output ``layer_relevance__<node>`` [N] per rule application (the relevance it passes
+    on, summed per sample); ``"check"`` also adds ``layer_arriving__<node>`` (the relevance it received).
     """
+    plan = make_plan(model, composite, explain_output=explain_output, **options)
+    if plan.unsupported:
+        raise UnsupportedError(plan.source, plan.unsupported)
+    layers = _layer_outputs(plan, arriving=emit_layers == "check") if emit_layers else []
+    compiled = _assemble(plan.view, plan.builder, plan.records, plan.composite, plan.params,
+                         plan.canonicalizations, layers)
+    if inline:
+        compiled = onnx.inliner.inline_local_functions(compiled)
+    try:
+        onnx.checker.check_model(weightless(compiled), full_check=True)
+    except Exception as exc:  # ValidationError or InferenceError
+        raise OnnxlrpError(f"{plan.source}: internal error, the compiled model fails onnx.checker: "
+                           f"{str(exc).strip().splitlines()[0]}") from None
+    return compiled
+
+
+def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
+              explain_output: str | None = None, **options) -> Plan:
+    """Load, canonicalise and walk the graph: which rule and template every node gets (nothing is raised for
+    unsupported nodes; they are listed in the plan)."""
     source = model_source(model)
     try:
         params = validate_options(options)
@@ -111,17 +156,25 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
 
     builder = _Builder(taken=_all_names(proto))
     records, unsupported = _walk(view, path, rules, chosen, params, explained, builder)
-    if unsupported:
-        raise UnsupportedError(source, unsupported)
-    compiled = _assemble(view, builder, records, chosen, params, applied)
-    if inline:
-        compiled = onnx.inliner.inline_local_functions(compiled)
-    try:
-        onnx.checker.check_model(weightless(compiled), full_check=True)
-    except Exception as exc:  # ValidationError or InferenceError
-        raise OnnxlrpError(f"{source}: internal error, the compiled model fails onnx.checker: "
-                           f"{str(exc).strip().splitlines()[0]}") from None
-    return compiled
+    return Plan(source, view, builder, records, unsupported, chosen, params, applied)
+
+
+LAYER_PREFIX = "layer_relevance__"
+ARRIVING_PREFIX = "layer_arriving__"
+
+
+def _layer_outputs(plan: Plan, arriving: bool) -> list[tuple[str, str]]:
+    """Per-sample relevance totals per rule application, as (output name, tensor) pairs."""
+    outputs = []
+    for record in plan.records:
+        if not record.passed:
+            continue
+        parts = [plan.builder.call("sample_sum", [t], f"{t}__sum")[0] for t in record.passed]
+        outputs.append((LAYER_PREFIX + record.node, plan.builder.total(parts, f"{record.node}__layer_sum")))
+        if arriving:
+            parts = [plan.builder.call("sample_sum", [t], f"{t}__sum")[0] for t in record.arriving]
+            outputs.append((ARRIVING_PREFIX + record.node, plan.builder.total(parts, f"{record.node}__arr_sum")))
+    return outputs
 
 
 def _explained_tensor(view: GraphView, name: str | None, source: str) -> str:
@@ -184,6 +237,7 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
             if out not in contributions:
                 continue
             relevance = builder.total(contributions[out], f"{out}__R")
+            record.arriving.append(relevance)
             for x in view.activation_inputs(index):
                 ctx = BindContext(view, index, x, y, builder.constant, opset, fusion, rule, builder.plain)
                 linear = VARIANTS[spec.variant](ctx) if spec.variant else None
@@ -202,10 +256,13 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                 except Unsupported as exc:
                     unsupported.append((name, node.op_type, str(exc)))
                     continue
+                record.params = {a.name[len(RULE_PARAMETER_PREFIX):]: helper.get_attribute_value(a)
+                                 for a in attrs if a.name.startswith(RULE_PARAMETER_PREFIX)}
                 inputs = [relevance if i == "__R__" else i for i in inputs]
                 (r_x,) = builder.call(template, inputs, f"{node.input[x]}__R_from_{name}", attrs)
                 if spec.elementwise:
                     r_x = _unbroadcast(view, node.input[x], out, r_x, builder)
+                record.passed.append(r_x)
                 contributions.setdefault(node.input[x], []).append(r_x)
     records.reverse()
     _finish_inputs(view, chosen, contributions, builder)
@@ -248,7 +305,7 @@ def _finish_inputs(view: GraphView, chosen: Composite, contributions: dict[str, 
 
 
 def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], chosen: Composite, params: dict,
-              applied: list[str]) -> onnx.ModelProto:
+              applied: list[str], layers: list[tuple[str, str]]) -> onnx.ModelProto:
     source = view.model
     graph = onnx.GraphProto()
     graph.CopyFrom(source.graph)
@@ -269,6 +326,10 @@ def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], cho
             out.type.tensor_type.elem_type = TensorProto.FLOAT
         graph.output.append(out)
 
+    for name, tensor in layers:
+        graph.node.append(helper.make_node("Identity", [tensor], [name], name=builder.fresh(f"lrp/{name}")))
+        graph.output.append(helper.make_tensor_value_info(name, float_inputs[0].type.tensor_type.elem_type
+                                                          if float_inputs else TensorProto.FLOAT, [None]))
     opset = default_opset(source)
     functions = []
     for function in library().closure(sorted(builder.functions)):
@@ -287,7 +348,8 @@ def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], cho
         "onnxlrp.signal": chosen.signal,
         "onnxlrp.parameters": json.dumps(params, sort_keys=True),
         "onnxlrp.canonicalizations": json.dumps(applied),
-        "onnxlrp.rules": json.dumps([r.__dict__ for r in records]),
+        "onnxlrp.rules": json.dumps([r.public() for r in records]),
+        "onnxlrp.layer_outputs": json.dumps([name for name, _ in layers]),
     }
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)

@@ -18,7 +18,7 @@ CATEGORY_NOTES = {
     "sum": "sum of two or more activations",
     "lrn": "local response normalisation (`--lrn-rule`)",
     "difference": "difference of two activations (no rule yet: reported as unsupported)",
-    "product": "product/quotient of two activations (no rule yet: reported as unsupported)",
+    "product": "product/quotient of two activations (gate treated as constant)",
 }
 
 
@@ -41,7 +41,7 @@ def ops_table() -> str:
 def composites_table() -> str:
     """Markdown table: composite, Zennit equivalent, rule per category, first-layer rule."""
     lib = library()
-    categories = [c for c in CATEGORY_NOTES if c not in ("difference", "product")]
+    categories = [c for c in CATEGORY_NOTES if c != "difference"]
     rows = ["| composite | Zennit | first layer | " + " | ".join(categories) + " |",
             "|---" * (3 + len(categories)) + "|"]
     for name in (n for n in lib.composites if n != "base"):

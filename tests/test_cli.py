@@ -80,3 +80,54 @@ def test_errors_are_one_line_exit_2_and_leave_no_file(exported, tmp_path, case):
         assert "cos_node (Cos" in lines[0] and "sin_node (Sin" in lines[0]
     if case == "constant_output":
         assert "does not depend on any floating-point model input" in lines[0]
+
+
+def test_inspect_lists_rules_and_exits_2_on_unsupported(exported, tmp_path):
+    result = run("inspect", str(exported("resnet_small", "dynamo18")), "--composite", "epsilon_gamma_box")
+    assert result.returncode == 0, result.stderr
+    assert "zbox" in result.stdout and "gamma" in result.stdout and "norm" in result.stdout
+    assert "unsupported: none" in result.stdout
+    bad = tmp_path / "bad.onnx"
+    _unsupported_model(bad)
+    result = run("inspect", str(bad))
+    assert result.returncode == 2
+    assert "cos_node (Cos)" in result.stdout and "sin_node (Sin)" in result.stdout
+
+
+def test_emit_layers_outputs_sum_per_layer(exported):
+    import onnxlrp
+    compiled = onnxlrp.compile_model(exported("lenet", "dynamo18"), "epsilon", epsilon=0.0, emit_layers=True)
+    names = [o.name for o in compiled.graph.output if o.name.startswith("layer_relevance__")]
+    assert len(names) >= 8
+    session = onnxlrp.runtime.make_session(compiled, ["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((3, 1, 16, 16)).astype(np.float32)
+    values = dict(zip([o.name for o in session.get_outputs()],
+                      session.run(None, {"x": x, "target": np.array([0, 1, 2])})))
+    for name in names:
+        assert values[name].shape == (3,)
+    first_conv = [n for n in names if "conv" in n.lower()][0]
+    np.testing.assert_allclose(values[first_conv], values["x_relevance"].reshape(3, -1).sum(1), rtol=1e-5)
+
+
+def test_check_prints_conservation_table(exported, tmp_path):
+    out = tmp_path / "c.onnx"
+    result = run("compile", str(exported("resnet_small", "torchscript17")), "-o", str(out), "--check",
+                 "--composite", "epsilon_plus")
+    assert result.returncode == 0, result.stderr
+    assert "drift" in result.stdout and "0 layer(s) flagged" in result.stdout
+    assert "conserves" in result.stdout and out.exists()
+    # the written model carries no layer outputs unless asked
+    assert not [o for o in onnx.load(str(out)).graph.output if o.name.startswith("layer_")]
+
+
+def test_check_flags_a_layer_that_creates_relevance(tmp_path):
+    from onnxlrp.compile import make_plan
+    from onnxlrp.report import conservation_rows
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    records = make_plan(model).records
+    rows = conservation_rows(records, {"layer_relevance__relu": np.array([2.0]),
+                                       "layer_arriving__relu": np.array([1.0])}, "relevance")
+    assert rows[0]["flag"] == "CREATES"

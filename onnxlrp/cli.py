@@ -112,6 +112,45 @@ def _check_report(model: Path, composite: str, explain_output: str | None, optio
     return conservation_text(rows, start, total)
 
 
+@main.command("explain")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--outdir", type=click.Path(path_type=Path), default=Path("onnxlrp-out"), show_default=True,
+              help="Folder for the heatmaps (.png) and raw relevance (.npy).")
+@click.option("--target", type=int, default=None, help="Class to explain [default: the predicted class].")
+@click.option("--composite", "composites", multiple=True, default=["epsilon_plus_flat"], show_default=True,
+              help=f"Rule preset (repeat for several): {', '.join(composite_names())}.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Inputs per run.")
+@click.option("--size", type=(int, int), default=None, help="Input height and width when the model's are dynamic.")
+@click.option("--normalize", default="unit", show_default=True,
+              help="Pixel scaling: unit ([0, 1]), imagenet, none (0..255), or MEAN,STD after [0, 1] scaling.")
+@click.option("--cmap", default="bwr", show_default=True, help="Colormap: a matplotlib name, or coldnhot.")
+@click.option("--overlay", is_flag=True, help="Blend the heatmap over the input image.")
+@click.option("--zoom", type=int, default=1, show_default=True, help="Upscale the PNGs by this integer factor.")
+@click.option("--lrn-rule", default=DEFAULT_OPTIONS["lrn_rule"], show_default=True,
+              help=f"Rule for LRN layers: {', '.join(LRN_RULES)}.")
+@click.option("--epsilon", type=float, default=DEFAULT_OPTIONS["epsilon"], show_default=True)
+@click.option("--low", type=float, default=DEFAULT_OPTIONS["low"], show_default=True)
+@click.option("--high", type=float, default=DEFAULT_OPTIONS["high"], show_default=True)
+def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, target: int | None,
+                    composites: tuple[str, ...], batch_size: int, size, normalize: str, cmap: str, overlay: bool,
+                    zoom: int, **options) -> None:
+    """Explain images (PNG/JPEG), folders of them, or .npy arrays: a heatmap PNG, the raw relevance (.npy) and
+    one line per input (predicted class, score, explained class, sum of relevance)."""
+    from .explain import explain_files
+    try:
+        results, failures = explain_files(model, list(inputs), outdir, list(composites), target, batch_size,
+                                          size, normalize, cmap, overlay, zoom, log=click.echo,
+                                          warn=lambda m: click.echo(m, err=True), **options)
+    except (OnnxlrpError, ValueError) as exc:
+        _fail(str(exc))
+    for _, message in failures:
+        click.echo(f"onnxlrp: error: {message}", err=True)
+    if failures:
+        click.echo(f"onnxlrp: {len(failures)} input(s) failed: {', '.join(str(f) for f, _ in failures)}", err=True)
+        sys.exit(1)
+
+
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("--composite", default="epsilon_plus_flat", show_default=True,

@@ -104,6 +104,7 @@ class Plan:
     composite: Composite
     params: dict
     canonicalizations: list[str]
+    explained_output: str
 
 
 def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
@@ -121,6 +122,7 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     layers = _layer_outputs(plan, arriving=emit_layers == "check") if emit_layers else []
     compiled = _assemble(plan.view, plan.builder, plan.records, plan.composite, plan.params,
                          plan.canonicalizations, layers)
+    compiled.metadata_props.add(key="onnxlrp.explained_output", value=plan.explained_output)
     if inline:
         compiled = onnx.inliner.inline_local_functions(compiled)
     try:
@@ -156,7 +158,8 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
 
     builder = _Builder(taken=_all_names(proto))
     records, unsupported = _walk(view, path, rules, chosen, params, explained, builder)
-    return Plan(source, view, builder, records, unsupported, chosen, params, applied)
+    output = explain_output or view.model.graph.output[0].name
+    return Plan(source, view, builder, records, unsupported, chosen, params, applied, output)
 
 
 LAYER_PREFIX = "layer_relevance__"

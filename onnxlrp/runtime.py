@@ -75,8 +75,19 @@ class Explainer:
 
     def __init__(self, model, composite: str = "epsilon_plus_flat", providers: list[str] | None = None,
                  **options) -> None:
-        from .compile import RELEVANCE_SUFFIX, TARGET_INPUT, compile_model
-        self.compiled = compile_model(model, composite, **options)
+        from .compile import compile_model
+        self._setup(compile_model(model, composite, **options), providers)
+
+    @classmethod
+    def from_compiled(cls, compiled: onnx.ModelProto, providers: list[str] | None = None) -> Explainer:
+        """An Explainer for a model that onnxlrp compiled earlier (e.g. loaded from a cache)."""
+        explainer = cls.__new__(cls)
+        explainer._setup(compiled, providers)
+        return explainer
+
+    def _setup(self, compiled: onnx.ModelProto, providers: list[str] | None) -> None:
+        from .compile import RELEVANCE_SUFFIX, TARGET_INPUT
+        self.compiled = compiled
         self.session = make_session(self.compiled, providers)
         self._target = TARGET_INPUT
         inputs = [i for i in self.session.get_inputs() if i.name != TARGET_INPUT]
@@ -125,13 +136,22 @@ class Explainer:
             arr = np.full([batch], int(arr[0]), dtype=np.int64)
         if arr.size != batch:
             raise OnnxlrpError(f"target has {arr.size} entries for a batch of {batch}")
-        classes = self._classes()
+        classes = self.classes
         if classes is not None and (arr >= classes).any():
-            raise OnnxlrpError(f"target {int(arr.max())} out of range: the model has {classes} classes")
+            raise OnnxlrpError(f"target {int(arr.max())} out of range: the model has {classes} classes (0.."
+                               f"{classes - 1})")
         return arr
 
-    def _classes(self) -> int | None:
-        out = self.session.get_outputs()[0]
+    @property
+    def explained_output(self) -> str:
+        """The output whose class is explained."""
+        meta = {p.key: p.value for p in self.compiled.metadata_props}
+        return meta.get("onnxlrp.explained_output", self.output_names[0])
+
+    @property
+    def classes(self) -> int | None:
+        """Number of classes of the explained output, when static."""
+        out = next(o for o in self.session.get_outputs() if o.name == self.explained_output)
         dims = out.shape[1:]
         if dims and all(isinstance(d, int) for d in dims):
             return int(np.prod(dims))

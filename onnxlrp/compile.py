@@ -250,6 +250,8 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                     continue
                 if template == NO_RELEVANCE:
                     continue
+                if spec.linear and f"{rule}_nonneg" in lib.linear_rules and view.nonnegative(node.input[x]):
+                    template = f"{template}_nonneg"  # the terms for negative inputs vanish
                 record.template = template
                 try:
                     inputs, attrs = bind(ctx, lib.function(template), lib.attribute_types(template), options,

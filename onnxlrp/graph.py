@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import networkx as nx
+import numpy as np
 import onnx
 from onnx import TensorProto
 
@@ -131,6 +132,42 @@ class GraphView:
                     if attr.name in ("value_floats", "value_ints"):
                         return list(onnx.helper.get_attribute_value(attr))
         return None
+
+    def nonnegative(self, name: str) -> bool:
+        """Whether a tensor is known to be >= 0 everywhere (after Relu, through pooling, shape ops, sums of
+        non-negative tensors, ...), so rules can skip their terms for negative inputs."""
+        if not hasattr(self, "_nonneg"):
+            self._nonneg: dict[str, bool] = {}
+        if name in self._nonneg:
+            return self._nonneg[name]
+        self._nonneg[name] = False  # cycles cannot occur, but be safe
+        result = self._nonnegative(name)
+        self._nonneg[name] = result
+        return result
+
+    def _nonnegative(self, name: str) -> bool:
+        value = self.constant_value(name)
+        if value is not None:
+            return bool((np.asarray(value) >= 0).all())
+        if name not in self.producer:
+            return False
+        node = self.nodes[self.producer[name][0]]
+        op, inputs = node.op_type, [i for i in node.input if i]
+        if op in ("Relu", "Sigmoid", "Softmax", "HardSigmoid", "Abs", "Exp", "Softplus"):
+            return True
+        if op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax",
+                  "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Slice",
+                  "Gather", "Split", "LRN", "Expand", "Cast"):
+            return self.nonnegative(inputs[0])
+        if op in ("Concat", "Add", "Sum", "Mul", "Max"):
+            return all(self.nonnegative(i) for i in inputs)
+        if op == "Clip":
+            low = self.constant_value(inputs[1]) if len(inputs) > 1 else None
+            return low is not None and float(np.asarray(low)) >= 0
+        if op == "Pad":
+            fill = self.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
+            return fill is not None and float(np.asarray(fill)) >= 0 and self.nonnegative(inputs[0])
+        return False
 
     def node_name(self, index: int) -> str:
         """The node's name (canonicalisation gives every node one)."""

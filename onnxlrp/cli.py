@@ -151,6 +151,43 @@ def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, target:
         sys.exit(1)
 
 
+@main.command("evaluate")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--composite", "composites", multiple=True, default=["epsilon_plus_flat"], show_default=True,
+              help="Composite to evaluate (repeat for several).")
+@click.option("--lrn-rule", "lrn_rules", multiple=True, default=["identity", "taylor"], show_default=True,
+              help="LRN rule(s) to evaluate when the model has LRN layers (repeat for several).")
+@click.option("--steps", type=int, default=16, show_default=True, help="Points on the curve after the start.")
+@click.option("--patch", type=int, default=4, show_default=True, help="Patch size in pixels.")
+@click.option("--baseline", default="value", show_default=True, help="What flipped patches become: value, mean "
+              "(the channel mean) or blur (a 7x7 box blur).")
+@click.option("--baseline-value", type=float, default=0.0, show_default=True, help="The constant for value.")
+@click.option("--normalize", default="unit", show_default=True, help="As for explain.")
+@click.option("--size", type=(int, int), default=None, help="Input height and width when dynamic.")
+@click.option("--epsilon", type=float, default=DEFAULT_OPTIONS["epsilon"], show_default=True)
+@click.option("-o", "--plot", "plot_path", type=click.Path(path_type=Path), default=Path("pixel_flipping.png"),
+              show_default=True, help="Where to write the plot of the curves.")
+def evaluate_command(model: Path, inputs: tuple[Path, ...], composites, lrn_rules, steps: int, patch: int,
+                     baseline: str, baseline_value: float, normalize: str, size, epsilon: float,
+                     plot_path: Path) -> None:
+    """Pixel flipping: AUC of the explained class's score as the most relevant patches are flipped first, for
+    each composite (and LRN rule), against gradient x input and a random order (lower AUC is better)."""
+    from .evaluate import evaluate, plot, report
+    try:
+        results, failures = evaluate(model, list(inputs), list(composites), list(lrn_rules), steps, patch,
+                                     baseline, baseline_value, normalize, size, epsilon=epsilon)
+        plot(results, plot_path, steps)
+    except (OnnxlrpError, OSError) as exc:
+        _fail(str(exc))
+    click.echo(report(results))
+    click.echo(f"plot: {plot_path}")
+    for _, message in failures:
+        click.echo(f"onnxlrp: error: {message}", err=True)
+    if failures:
+        sys.exit(1)
+
+
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("--composite", default="epsilon_plus_flat", show_default=True,

@@ -15,6 +15,7 @@ def probe_shapes(view: GraphView, names: list[str]) -> dict[str, list[int | None
     import onnxruntime as ort
     model = onnx.ModelProto()
     model.CopyFrom(view.model)
+    model.ir_version = min(model.ir_version, 10)  # onnx >= 1.20 writes IR versions ORT refuses
     typed = [n for n in names if view.info.get(n) and view.info[n].elem_type]
     del model.graph.output[:]
     model.graph.output.extend(helper.make_tensor_value_info(n, view.info[n].elem_type, None) for n in typed)

@@ -41,6 +41,7 @@ class RuleRecord:
     params: dict = field(default_factory=dict)
     arriving: list[str] = field(default_factory=list, repr=False)  # relevance tensors at its outputs
     passed: list[str] = field(default_factory=list, repr=False)    # relevance tensors it gives its inputs
+    epsilon_terms: tuple | None = field(default=None, repr=False)  # (B, Y, R, shape of Y) of an epsilon layer
 
     def public(self) -> dict:
         """The fields recorded in the metadata."""
@@ -109,20 +110,34 @@ class Plan:
 
 def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
                   explain_output: str | None = None, inline: bool = False, emit_layers: bool = False,
-                  **options) -> onnx.ModelProto:
+                  bias_relevance: str | None = None, **options) -> onnx.ModelProto:
     """Compile a model into one that also outputs ``<input>_relevance`` for the class given by input ``target``.
 
     options: epsilon, stabilizer, gamma, alpha, beta, low, high, lrn_rule (see composites.DEFAULT_OPTIONS).
     emit_layers: add an output ``layer_relevance__<node>`` [N] per rule application (the relevance it passes
     on, summed per sample); ``"check"`` also adds ``layer_arriving__<node>`` (the relevance it received).
+    bias_relevance: "layers" adds an output ``bias_relevance`` [N, layers] with the relevance each rule
+    application absorbed (bias and stabilizer shares), "units" splits epsilon-ruled linear layers per bias unit;
+    input relevance + bias relevance = start relevance (metadata ``onnxlrp.bias_relevance`` names the columns).
     """
     plan = make_plan(model, composite, explain_output=explain_output, **options)
     if plan.unsupported:
         raise UnsupportedError(plan.source, plan.unsupported)
     layers = _layer_outputs(plan, arriving=emit_layers == "check") if emit_layers else []
+    columns: list[dict] = []
+    if bias_relevance is not None:
+        if bias_relevance not in ("layers", "units"):
+            raise OnnxlrpError(f"{plan.source}: --bias-relevance must be layers or units, got {bias_relevance!r}")
+        if plan.composite.signal == "gradient":
+            raise OnnxlrpError(f"{plan.source}: --bias-relevance needs a relevance composite, not "
+                               f"{plan.composite.name}")
+        tensor, columns = _bias_relevance(plan, bias_relevance == "units")
+        layers.append((BIAS_OUTPUT, tensor))
     compiled = _assemble(plan.view, plan.builder, plan.records, plan.composite, plan.params,
                          plan.canonicalizations, layers)
     compiled.metadata_props.add(key="onnxlrp.explained_output", value=plan.explained_output)
+    if columns:
+        compiled.metadata_props.add(key="onnxlrp.bias_relevance", value=json.dumps(columns))
     if inline:
         compiled = onnx.inliner.inline_local_functions(compiled)
     try:
@@ -162,8 +177,45 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
     return Plan(source, view, builder, records, unsupported, chosen, params, applied, output)
 
 
+BIAS_OUTPUT = "bias_relevance"
 LAYER_PREFIX = "layer_relevance__"
 ARRIVING_PREFIX = "layer_arriving__"
+
+
+def _bias_relevance(plan: Plan, units: bool) -> tuple[str, list[dict]]:
+    """[N, columns]: per rule application, relevance arriving minus relevance passed on (what the bias and the
+    stabilizer absorbed); with ``units``, epsilon-ruled linear layers get one column per bias unit."""
+    from .bindings import make_attribute
+    b, lib = plan.builder, library()
+    one = b.constant("bias_axis_1", np.array([1], dtype=np.int64))
+    parts, columns = [], []
+    for record in plan.records:
+        if not record.passed:
+            continue
+        if units and record.epsilon_terms is not None:
+            bias, y, r, shape = record.epsilon_terms
+            rank = len(shape or [0, 0])
+            types = lib.attribute_types("bias_units")
+            attrs = [make_attribute("lrp_epsilon", plan.params["epsilon"], types["lrp_epsilon"]),
+                     make_attribute("bias_shape", [-1] + [1] * (rank - 2), types["bias_shape"]),
+                     make_attribute("spatial_axes", list(range(2, rank)), types["spatial_axes"])]
+            (column,) = b.call("bias_units", [bias, y, r], f"{record.node}__bias_units", attrs)
+            count = (shape or [None, None])[1]
+            columns.append({"node": record.node, "units": count})
+        else:
+            arriving = b.total([b.call("sample_sum", [t], f"{t}__sum")[0] for t in record.arriving],
+                               f"{record.node}__bias_in")
+            passed = b.total([b.call("sample_sum", [t], f"{t}__sum")[0] for t in record.passed],
+                             f"{record.node}__bias_out")
+            column = b.plain("Unsqueeze", [b.plain("Sub", [arriving, passed], f"{record.node}__absorbed"), one],
+                             f"{record.node}__absorbed_col")
+            columns.append({"node": record.node, "units": 1})
+        parts.append(column)
+    if not parts:
+        raise OnnxlrpError(f"{plan.source}: no rule application to account bias relevance for")
+    out = b.fresh("bias_relevance_all")
+    b.nodes.append(helper.make_node("Concat", parts, [out], axis=1, name=b.fresh("lrp/bias_concat")))
+    return out, columns
 
 
 def _layer_outputs(plan: Plan, arriving: bool) -> list[tuple[str, str]]:
@@ -264,6 +316,8 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                 record.params = {a.name[len(RULE_PARAMETER_PREFIX):]: helper.get_attribute_value(a)
                                  for a in attrs if a.name.startswith(RULE_PARAMETER_PREFIX)}
                 inputs = [relevance if i == "__R__" else i for i in inputs]
+                if spec.linear and rule == "epsilon":
+                    record.epsilon_terms = (inputs[2], inputs[3], relevance, view.shape(out))
                 (r_x,) = builder.call(template, inputs, f"{node.input[x]}__R_from_{name}", attrs)
                 if spec.elementwise:
                     r_x = _unbroadcast(view, node.input[x], out, r_x, builder)
@@ -333,8 +387,9 @@ def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], cho
 
     for name, tensor in layers:
         graph.node.append(helper.make_node("Identity", [tensor], [name], name=builder.fresh(f"lrp/{name}")))
-        graph.output.append(helper.make_tensor_value_info(name, float_inputs[0].type.tensor_type.elem_type
-                                                          if float_inputs else TensorProto.FLOAT, [None]))
+        elem = float_inputs[0].type.tensor_type.elem_type if float_inputs else TensorProto.FLOAT
+        graph.output.append(helper.make_tensor_value_info(
+            name, elem if elem in FLOAT_TYPES else TensorProto.FLOAT, [None, None] if name == BIAS_OUTPUT else [None]))
     opset = default_opset(source)
     functions = []
     for function in library().closure(sorted(builder.functions)):

@@ -24,20 +24,31 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def inspect_text(plan: Plan) -> str:
     """Every node on the relevance path with its rule, template and parameters; canonicalisations; the
     unsupported nodes."""
-    rows = [[r.node, r.op, r.category or "?", r.rule or "-", r.template or "-",
+    rows = [[r.node, r.op, r.category or "?", r.rule or "-", r.template or "-", _bias(plan, r),
              ", ".join(f"{k}={v:g}" for k, v in sorted(r.params.items()))] for r in plan.records]
     parts = [f"model: {plan.source}",
              f"composite: {plan.composite.name} (Zennit: {plan.composite.zennit}), signal: {plan.composite.signal}",
              f"parameters: {json.dumps(plan.params, sort_keys=True)}",
              f"canonicalizations: {', '.join(plan.canonicalizations) or 'none'}",
              f"relevance path: {len(plan.records)} nodes", "",
-             _table(["node", "op", "category", "rule", "template", "parameters"], rows), ""]
+             _table(["node", "op", "category", "rule", "template", "bias", "parameters"], rows), ""]
     if plan.unsupported:
         parts.append(f"unsupported: {len(plan.unsupported)} node(s)")
         parts += [f"  {name} ({op}){': ' + why if why else ''}" for name, op, why in plan.unsupported]
     else:
         parts.append("unsupported: none")
     return "\n".join(parts)
+
+
+def _bias(plan: Plan, record) -> str:
+    """For linear layers: whether a bias (own or folded from BatchNorm / an Add) takes part in the rule."""
+    if record.epsilon_terms is not None or (record.template or "").split("_")[0] in ("conv", "convgrouped", "gemm",
+                                                                                   "matmul"):
+        node = next((n for n in plan.view.nodes if n.name == record.node), None)
+        folded = any(r.rule == f"fused into {record.node}" for r in plan.records)
+        own = node is not None and len(node.input) > 2 and bool(node.input[2])
+        return "yes" if own or folded else "no"
+    return ""
 
 
 def random_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
@@ -84,9 +95,10 @@ def conservation_rows(plan_records, values: dict[str, np.ndarray], signal: str) 
 
 
 def conservation_text(rows: list[dict], start: float, total: float) -> str:
-    table = _table(["layer", "op", "rule", "Σ arriving", "Σ passed on", "drift", "expected", "flag"],
+    table = _table(["layer", "op", "rule", "Σ arriving", "Σ passed on", "absorbed", "drift", "expected", "flag"],
                    [[r["layer"], r["op"], r["rule"], f"{r['arriving']:.6g}", f"{r['passed']:.6g}",
-                     f"{r['drift']:+.2e}", r["expected"], r["flag"]] for r in rows])
+                     f"{r['arriving'] - r['passed']:.3g}", f"{r['drift']:+.2e}", r["expected"], r["flag"]]
+                    for r in rows])
     flagged = sum(1 for r in rows if r["flag"])
     return (f"{table}\n\nstart relevance (mean over the batch): {start:.6g}; input relevance: {total:.6g}; "
             f"{flagged} layer(s) flagged")

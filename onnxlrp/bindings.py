@@ -41,6 +41,7 @@ class BindContext:
     fusion: Fusion | None = None
     rule: str = ""
     add_node: Callable[[str, list[str], str], str] | None = None
+    reference: dict[str, str] | None = None  # activation -> its value on the baseline (DeepLIFT)
 
     @property
     def output(self) -> str:
@@ -116,6 +117,11 @@ def bind(ctx: BindContext, function: onnx.FunctionProto, attr_types: dict[str, i
             actual = ctx.output
         elif formal == "R":
             actual = "__R__"  # filled in by the compiler
+        elif formal in ("X_ref", "Y_ref"):
+            name = node.input[ctx.x] if formal == "X_ref" else ctx.output
+            if not ctx.reference or name not in ctx.reference:
+                raise Unsupported(f"template {function.name} needs the reference value of {name!r}")
+            actual = ctx.reference[name]
         elif formal == "Other":
             others = [n for k, n in enumerate(node.input) if k != ctx.x and n]
             if len(others) != 1:

@@ -73,14 +73,17 @@ def main() -> None:
 @click.option("--bias-relevance", type=click.Choice(["layers", "units"]), is_flag=False, flag_value="layers",
               default=None, help="Add an output bias_relevance: the relevance each layer (or, =units, each bias "
               "unit of an epsilon layer) absorbed, so that input + bias relevance = start relevance.")
+@click.option("--baseline", default="zeros", show_default=True,
+              help="DeepLIFT (--composite deeplift): the default baseline, zeros or a FILE.npy shaped like one input "
+                   "sample; the compiled model takes it as input <input>_baseline.")
 def compile_command(model: Path, output: Path | None, composite: str, explain_output: str | None, inline: bool,
-                    emit_layers: bool, check: bool, bias_relevance: str | None, **options) -> None:
+                    emit_layers: bool, check: bool, bias_relevance: str | None, baseline: str, **options) -> None:
     """Compile MODEL into an explaining model with an extra input `target` and outputs `<input>_relevance`."""
     from .compile import compile_model
     output = output or model.with_suffix(".lrp.onnx")
     try:
         compiled = compile_model(model, composite, explain_output=explain_output, inline=inline,
-                                 emit_layers=emit_layers, bias_relevance=bias_relevance, **options)
+                                 emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline, **options)
         report = _check_report(model, composite, explain_output, options) if check else None
         write_model_atomically(compiled, output)
     except OnnxlrpError as exc:

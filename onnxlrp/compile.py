@@ -18,6 +18,7 @@ from .composites import Composite, assign_rules, get_composite, node_category, v
 from .errors import OnnxlrpError, UnsupportedError
 from .fusion import find_fusions
 from .graph import FLOAT_TYPES, GraphView
+from .reference import reference_forward
 from .shapes import probe_shapes
 from .load import check, default_opset, model_source, read_model, weightless
 from .templates import DOMAIN, library
@@ -106,11 +107,13 @@ class Plan:
     params: dict
     canonicalizations: list[str]
     explained_output: str
+    baseline_inputs: list = field(default_factory=list)
+    baseline_defaults: list = field(default_factory=list)
 
 
 def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
                   explain_output: str | None = None, inline: bool = False, emit_layers: bool = False,
-                  bias_relevance: str | None = None, **options) -> onnx.ModelProto:
+                  bias_relevance: str | None = None, baseline="zeros", **options) -> onnx.ModelProto:
     """Compile a model into one that also outputs ``<input>_relevance`` for the class given by input ``target``.
 
     options: epsilon, stabilizer, gamma, alpha, beta, low, high, lrn_rule (see composites.DEFAULT_OPTIONS).
@@ -120,7 +123,7 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     application absorbed (bias and stabilizer shares), "units" splits epsilon-ruled linear layers per bias unit;
     input relevance + bias relevance = start relevance (metadata ``onnxlrp.bias_relevance`` names the columns).
     """
-    plan = make_plan(model, composite, explain_output=explain_output, **options)
+    plan = make_plan(model, composite, explain_output=explain_output, baseline=baseline, **options)
     if plan.unsupported:
         raise UnsupportedError(plan.source, plan.unsupported)
     layers = _layer_outputs(plan, arriving=emit_layers == "check") if emit_layers else []
@@ -128,13 +131,15 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     if bias_relevance is not None:
         if bias_relevance not in ("layers", "units"):
             raise OnnxlrpError(f"{plan.source}: --bias-relevance must be layers or units, got {bias_relevance!r}")
-        if plan.composite.signal == "gradient":
+        if plan.composite.signal != "relevance":
             raise OnnxlrpError(f"{plan.source}: --bias-relevance needs a relevance composite, not "
                                f"{plan.composite.name}")
         tensor, columns = _bias_relevance(plan, bias_relevance == "units")
         layers.append((BIAS_OUTPUT, tensor))
     compiled = _assemble(plan.view, plan.builder, plan.records, plan.composite, plan.params,
                          plan.canonicalizations, layers)
+    compiled.graph.input.extend(plan.baseline_inputs)
+    compiled.graph.initializer.extend(plan.baseline_defaults)
     compiled.metadata_props.add(key="onnxlrp.explained_output", value=plan.explained_output)
     if columns:
         compiled.metadata_props.add(key="onnxlrp.bias_relevance", value=json.dumps(columns))
@@ -149,7 +154,7 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
 
 
 def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
-              explain_output: str | None = None, **options) -> Plan:
+              explain_output: str | None = None, baseline="zeros", **options) -> Plan:
     """Load, canonicalise and walk the graph: which rule and template every node gets (nothing is raised for
     unsupported nodes; they are listed in the plan)."""
     source = model_source(model)
@@ -172,9 +177,15 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
     rules = assign_rules(view, path, chosen)
 
     builder = _Builder(taken=_all_names(proto))
-    records, unsupported = _walk(view, path, rules, chosen, params, explained, builder)
+    reference, baseline_inputs, baseline_defaults = None, [], []
+    if chosen.signal == "deeplift":
+        nodes, reference, baseline_inputs, baseline_defaults = reference_forward(view, baseline, source)
+        builder.nodes.extend(nodes)
+        builder.taken.update(o for n in nodes for o in n.output)
+    records, unsupported = _walk(view, path, rules, chosen, params, explained, builder, reference)
     output = explain_output or view.model.graph.output[0].name
-    return Plan(source, view, builder, records, unsupported, chosen, params, applied, output)
+    return Plan(source, view, builder, records, unsupported, chosen, params, applied, output, baseline_inputs,
+                baseline_defaults)
 
 
 BIAS_OUTPUT = "bias_relevance"
@@ -260,10 +271,10 @@ def _all_names(model: onnx.ModelProto) -> set[str]:
 
 
 def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen: Composite, params: dict,
-          explained: str, builder: _Builder):
+          explained: str, builder: _Builder, reference: dict[str, str] | None = None):
     lib = library()
     opset = default_opset(view.model)
-    start = "start_gradient" if chosen.signal == "gradient" else "start_relevance"
+    start = "start_relevance" if chosen.signal == "relevance" else "start_gradient"
     (seed,) = builder.call(start, [explained, TARGET_INPUT], f"{explained}__R")
     contributions: dict[str, list[str]] = {explained: [seed]}
     records: list[RuleRecord] = []
@@ -294,7 +305,8 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
             relevance = builder.total(contributions[out], f"{out}__R")
             record.arriving.append(relevance)
             for x in view.activation_inputs(index):
-                ctx = BindContext(view, index, x, y, builder.constant, opset, fusion, rule, builder.plain)
+                ctx = BindContext(view, index, x, y, builder.constant, opset, fusion, rule, builder.plain,
+                                  reference)
                 linear = VARIANTS[spec.variant](ctx) if spec.variant else None
                 template = spec.template_for(rule, x, linear)
                 if template is None:
@@ -324,7 +336,7 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                 record.passed.append(r_x)
                 contributions.setdefault(node.input[x], []).append(r_x)
     records.reverse()
-    _finish_inputs(view, chosen, contributions, builder)
+    _finish_inputs(view, chosen, contributions, builder, reference)
     return records, unsupported
 
 
@@ -345,7 +357,7 @@ def _unbroadcast(view: GraphView, x: str, y: str, r_x: str, builder: _Builder) -
 
 
 def _finish_inputs(view: GraphView, chosen: Composite, contributions: dict[str, list[str]],
-                   builder: _Builder) -> None:
+                   builder: _Builder, reference: dict[str, str] | None) -> None:
     """Produce ``<input>_relevance`` for every float input."""
     for vi in view.float_inputs:
         target = vi.name + RELEVANCE_SUFFIX
@@ -360,6 +372,8 @@ def _finish_inputs(view: GraphView, chosen: Composite, contributions: dict[str, 
         signal = builder.total(parts, f"{target}__signal")
         if chosen.signal == "gradient":
             (signal,) = builder.call("gradient_times_input", [vi.name, signal], f"{target}__gxi")
+        elif chosen.signal == "deeplift":
+            (signal,) = builder.call("times_delta", [vi.name, reference[vi.name], signal], f"{target}__delta")
         builder.nodes.append(helper.make_node("Identity", [signal], [target], name=builder.fresh(f"lrp/{target}")))
 
 

@@ -90,7 +90,8 @@ class Explainer:
         self.compiled = compiled
         self.session = make_session(self.compiled, providers)
         self._target = TARGET_INPUT
-        inputs = [i for i in self.session.get_inputs() if i.name != TARGET_INPUT]
+        defaults = {t.name for t in compiled.graph.initializer}  # e.g. a DeepLIFT baseline with a default
+        inputs = [i for i in self.session.get_inputs() if i.name != TARGET_INPUT and i.name not in defaults]
         self.input_names = [i.name for i in inputs]
         outputs = [o.name for o in self.session.get_outputs()]
         self.relevance_names = [o for o in outputs if o.endswith(RELEVANCE_SUFFIX)

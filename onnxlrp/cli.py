@@ -36,6 +36,31 @@ def write_model_atomically(model: onnx.ModelProto, path: Path) -> None:
             os.unlink(tmp)
 
 
+def rule_options(command):
+    """The rule parameters shared by compile and explain (Zennit's defaults)."""
+    options = [
+        click.option("--epsilon", type=float, default=DEFAULT_OPTIONS["epsilon"], show_default=True,
+                     help="epsilon of the Epsilon rule (0 = LRP-0)."),
+        click.option("--stabilizer", type=float, default=DEFAULT_OPTIONS["stabilizer"], show_default=True,
+                     help="Stabilizer of every other rule."),
+        click.option("--gamma", type=float, default=DEFAULT_OPTIONS["gamma"], show_default=True,
+                     help="gamma of the Gamma rule."),
+        click.option("--alpha", type=float, default=DEFAULT_OPTIONS["alpha"], show_default=True,
+                     help="alpha of the AlphaBeta rule (alpha - beta = 1)."),
+        click.option("--beta", type=float, default=DEFAULT_OPTIONS["beta"], show_default=True,
+                     help="beta of the AlphaBeta rule."),
+        click.option("--low", type=float, default=DEFAULT_OPTIONS["low"], show_default=True,
+                     help="Lowest input value, for the ZBox rule."),
+        click.option("--high", type=float, default=DEFAULT_OPTIONS["high"], show_default=True,
+                     help="Highest input value, for the ZBox rule."),
+        click.option("--lrn-rule", default=DEFAULT_OPTIONS["lrn_rule"], show_default=True,
+                     help=f"Rule for LRN layers: {', '.join(LRN_RULES)}."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onnxlrp")
 def main() -> None:
@@ -48,22 +73,7 @@ def main() -> None:
               help="Where to write the compiled model [default: MODEL with suffix .lrp.onnx].")
 @click.option("--composite", default="epsilon_plus_flat", show_default=True,
               help=f"Rule preset: {', '.join(composite_names())}.")
-@click.option("--epsilon", type=float, default=DEFAULT_OPTIONS["epsilon"], show_default=True,
-              help="epsilon of the Epsilon rule (0 = LRP-0).")
-@click.option("--stabilizer", type=float, default=DEFAULT_OPTIONS["stabilizer"], show_default=True,
-              help="Stabilizer of every other rule.")
-@click.option("--gamma", type=float, default=DEFAULT_OPTIONS["gamma"], show_default=True,
-              help="gamma of the Gamma rule.")
-@click.option("--alpha", type=float, default=DEFAULT_OPTIONS["alpha"], show_default=True,
-              help="alpha of the AlphaBeta rule (alpha - beta = 1).")
-@click.option("--beta", type=float, default=DEFAULT_OPTIONS["beta"], show_default=True,
-              help="beta of the AlphaBeta rule.")
-@click.option("--low", type=float, default=DEFAULT_OPTIONS["low"], show_default=True,
-              help="Lowest input value, for the ZBox rule.")
-@click.option("--high", type=float, default=DEFAULT_OPTIONS["high"], show_default=True,
-              help="Highest input value, for the ZBox rule.")
-@click.option("--lrn-rule", default=DEFAULT_OPTIONS["lrn_rule"], show_default=True,
-              help=f"Rule for LRN layers: {', '.join(LRN_RULES)}.")
+@rule_options
 @click.option("--explain-output", default=None, help="Output to explain [default: the first].")
 @click.option("--inline", is_flag=True, help="Inline the rule functions (plain ONNX graph, no local functions).")
 @click.option("--emit-layers", is_flag=True,
@@ -133,11 +143,7 @@ def _check_report(model: Path, composite: str, explain_output: str | None, optio
 @click.option("--cmap", default="bwr", show_default=True, help="Colormap: a matplotlib name, or coldnhot.")
 @click.option("--overlay", is_flag=True, help="Blend the heatmap over the input image.")
 @click.option("--zoom", type=int, default=1, show_default=True, help="Upscale the PNGs by this integer factor.")
-@click.option("--lrn-rule", default=DEFAULT_OPTIONS["lrn_rule"], show_default=True,
-              help=f"Rule for LRN layers: {', '.join(LRN_RULES)}.")
-@click.option("--epsilon", type=float, default=DEFAULT_OPTIONS["epsilon"], show_default=True)
-@click.option("--low", type=float, default=DEFAULT_OPTIONS["low"], show_default=True)
-@click.option("--high", type=float, default=DEFAULT_OPTIONS["high"], show_default=True)
+@rule_options
 def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, target: int | None,
                     composites: tuple[str, ...], batch_size: int, size, normalize: str, cmap: str, overlay: bool,
                     zoom: int, **options) -> None:

@@ -219,7 +219,7 @@ def bind_conv(ctx: BindContext) -> Binding:
         k = fused_summand(ctx.view, consumers[0])
         if add.input[k] == ctx.output:  # read this conv's output as (Add output - other summand), see above
             inputs["Y"] = ctx.add_node("Sub", [add.output[0], add.input[1 - k]], f"{ctx.output}__recomputed")
-    if conv_variant(ctx) == "convgrouped":
+    if conv_variant(ctx) in ("convgrouped", "convs1"):
         attrs.update(_grouped_backward(ctx, x_shape, y_shape, w_shape, strides, pads, dilations))
     else:
         attrs["output_padding"] = _transpose_padding(x_shape[2:], y_shape[2:], kernel, strides, dilations, pads)
@@ -227,7 +227,12 @@ def bind_conv(ctx: BindContext) -> Binding:
 
 
 def conv_variant(ctx: BindContext) -> str:
-    """Grouped convolutions use a Conv-based transposed pass (onnx.reference's ConvTranspose lacks groups)."""
+    """The fwd/bwd pair for a Conv: stride-1 convolutions take their transposed pass as a Conv (faster on ONNX
+    Runtime's CPU kernels), grouped ones as a Conv on the stride-spread input (onnx.reference's ConvTranspose
+    lacks groups), the rest ConvTranspose."""
+    strides = ctx.attr("strides", None)
+    if strides is None or all(int(s) == 1 for s in strides):
+        return "convs1"
     return "convgrouped" if int(ctx.attr("group", 1)) > 1 else "conv"
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 import onnxlrp
-from onnxlrp.cli import write_model_atomically
+from onnxlrp.save import write_model_atomically
 from onnxlrp.runtime import CPU, CUDA, cuda_usable, make_session
 
 

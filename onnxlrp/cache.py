@@ -11,6 +11,7 @@ import onnx
 
 from . import __version__
 from .errors import OnnxlrpError
+from .save import write_model_atomically
 
 
 def cache_dir() -> Path:
@@ -29,7 +30,6 @@ def cache_key(model_path: Path, composite: str, options: dict) -> str:
 
 def compile_cached(model_path: Path, composite: str, **options) -> tuple[onnx.ModelProto, bool]:
     """(compiled model, whether it came from the cache)."""
-    from .cli import write_model_atomically
     from .compile import compile_model
     path = cache_dir() / f"{cache_key(model_path, composite, options)}.lrp.onnx"
     if path.exists():

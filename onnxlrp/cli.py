@@ -1,39 +1,20 @@
 """The `onnxlrp` command (click)."""
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
-import onnx
 
 from . import __version__
 from .composites import DEFAULT_OPTIONS, LRN_RULES, composite_names
 from .errors import OnnxlrpError
+from .save import write_model_atomically
 
 
 def _fail(message: str) -> None:
     click.echo(f"onnxlrp: error: {message}", err=True)
     sys.exit(2)
-
-
-def write_model_atomically(model: onnx.ModelProto, path: Path) -> None:
-    """Write to a temporary file beside ``path`` and rename it, so a failure never leaves a partial file."""
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise OnnxlrpError(f"{path}: output folder {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OnnxlrpError(f"{path}: cannot write the compiled model ({exc.strerror or exc})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def rule_options(command):

@@ -12,7 +12,7 @@ import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__
-from .bindings import RULE_PARAMETER_PREFIX, VARIANTS, BindContext, NoRelevance, Unsupported, bind
+from .bindings import RULE_PARAMETER_PREFIX, VARIANTS, BindContext, NoRelevance, Unsupported, bind, make_attribute
 from .canonical import canonicalize
 from .composites import Composite, assign_rules, get_composite, node_category, validate_options
 from .errors import OnnxlrpError, UnsupportedError
@@ -196,7 +196,6 @@ ARRIVING_PREFIX = "layer_arriving__"
 def _bias_relevance(plan: Plan, units: bool) -> tuple[str, list[dict]]:
     """[N, columns]: per rule application, relevance arriving minus relevance passed on (what the bias and the
     stabilizer absorbed); with ``units``, epsilon-ruled linear layers get one column per bias unit."""
-    from .bindings import make_attribute
     b, lib = plan.builder, library()
     one = b.constant("bias_axis_1", np.array([1], dtype=np.int64))
     parts, columns = [], []
@@ -350,7 +349,6 @@ def _unbroadcast(view: GraphView, x: str, y: str, r_x: str, builder: _Builder) -
     if not axes:
         return r_x
     lib = library()
-    from .bindings import make_attribute
     attr = make_attribute("axes", axes, lib.attribute_types("unbroadcast")["axes"])
     (out,) = builder.call("unbroadcast", [x, r_x], f"{r_x}__unbroadcast", [attr])
     return out

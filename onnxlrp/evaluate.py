@@ -60,9 +60,16 @@ def make_baseline(x: np.ndarray, kind: str, value: float, channels_last: bool) -
         axes = (0, 1) if channels_last else (-2, -1)
         return np.broadcast_to(x.mean(axis=axes, keepdims=True), x.shape).astype(x.dtype)
     if kind == "blur":
-        from scipy.ndimage import uniform_filter
-        size = [7, 7, 1] if channels_last else [1] * (x.ndim - 2) + [7, 7]
-        return uniform_filter(x, size=size, mode="nearest").astype(x.dtype)
+        axes = (0, 1) if channels_last else (x.ndim - 2, x.ndim - 1)
+        blurred = x.astype(np.float64)
+        for axis in axes:  # 7-wide box filter per axis, edges repeated
+            pad = [(0, 0)] * x.ndim
+            pad[axis] = (3, 3)
+            padded = np.pad(blurred, pad, mode="edge")
+            sums = np.cumsum(np.insert(padded, 0, 0.0, axis=axis), axis=axis)
+            n = x.shape[axis]
+            blurred = (np.take(sums, range(7, n + 7), axis=axis) - np.take(sums, range(0, n), axis=axis)) / 7.0
+        return blurred.astype(x.dtype)
     raise OnnxlrpError(f"--baseline must be value, mean or blur, got {kind!r}")
 
 

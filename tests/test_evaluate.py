@@ -70,3 +70,15 @@ def test_evaluate_cli_on_digits(tmp_path):
     aucs = {l.split("  ")[0]: float(l.split()[-3]) for l in lines[2:6]}
     assert aucs["epsilon_plus_flat / lrn taylor"] < aucs["random"]
     assert plot.exists() and plot.stat().st_size > 10_000
+
+
+def test_baselines():
+    from onnxlrp.evaluate import make_baseline
+    x = np.arange(2 * 9 * 9, dtype=np.float32).reshape(2, 9, 9)
+    assert (make_baseline(x, "value", 0.5, False) == 0.5).all()
+    mean = make_baseline(x, "mean", 0.0, False)
+    np.testing.assert_allclose(mean[1, 0, 0], x[1].mean())
+    blur = make_baseline(x, "blur", 0.0, False)
+    np.testing.assert_allclose(blur[0, 4, 4], x[0, 1:8, 1:8].mean(), rtol=1e-6)  # a 7x7 box in the interior
+    with pytest.raises(Exception, match="value, mean or blur"):
+        make_baseline(x, "noise", 0.0, False)

@@ -9,12 +9,8 @@ R_k is split in proportion: R_{j<-k} = z_jk / stab(sum_j z_jk) R_k, hence sum_j 
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
 
 import numpy as np
-import onnx
 import pytest
 import torch
 import torch.nn as nn

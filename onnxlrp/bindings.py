@@ -205,13 +205,11 @@ def bind_conv(ctx: BindContext) -> Binding:
     if ctx.x != 0:
         raise Unsupported("the Conv weight is an activation (only constant weights are supported)")
     w_shape = ctx.static_shape(node.input[1])
-    x_shape, y_shape = ctx.static_shape(node.input[0], 2), ctx.static_shape(node.output[0], 2)
     kernel = w_shape[2:]
     n = len(kernel)
     strides = list(ctx.attr("strides", [1] * n))
     dilations = list(ctx.attr("dilations", [1] * n))
-    pads = _explicit_pads(ctx, x_shape[2:], kernel, strides, dilations)
-    attrs = {"strides": strides, "dilations": dilations, "pads": pads, "group": ctx.attr("group", 1)}
+    variant = conv_variant(ctx)
     inputs = {"W": ctx.weight(), "B": ctx.bias(w_shape[0])}
     consumers = ctx.view.consumers.get(ctx.output, [])
     if ctx.fusion is None and len(consumers) == 1 and fused_summand(ctx.view, consumers[0]) is not None:
@@ -219,45 +217,64 @@ def bind_conv(ctx: BindContext) -> Binding:
         k = fused_summand(ctx.view, consumers[0])
         if add.input[k] == ctx.output:  # read this conv's output as (Add output - other summand), see above
             inputs["Y"] = ctx.add_node("Sub", [add.output[0], add.input[1 - k]], f"{ctx.output}__recomputed")
-    if conv_variant(ctx) in ("convgrouped", "convs1"):
-        attrs.update(_grouped_backward(ctx, x_shape, y_shape, w_shape, strides, pads, dilations))
+    if variant == "convs1":  # with stride 1 nothing depends on the input size
+        pads = _explicit_pads(ctx, [max(kernel)] * n, kernel, strides, dilations)
+        extra = [0] * n
+    elif variant == "convdyn":
+        if ctx.attr("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID", b"", ""):
+            raise Unsupported("auto_pad SAME with a strided Conv needs the static input size")
+        pads = _explicit_pads(ctx, [None] * n, kernel, strides, dilations)
+        attrs = {"strides": strides, "dilations": dilations, "pads": pads, "group": ctx.attr("group", 1),
+                 "output_padding": [max(s, d) - 1 for s, d in zip(strides, dilations)],
+                 "spatial_axes": list(range(2, 2 + n))}
+        return inputs, attrs
     else:
-        attrs["output_padding"] = _transpose_padding(x_shape[2:], y_shape[2:], kernel, strides, dilations, pads)
+        x_shape, y_shape = ctx.static_shape(node.input[0], 2), ctx.static_shape(node.output[0], 2)
+        pads = _explicit_pads(ctx, x_shape[2:], kernel, strides, dilations)
+        extra = _transpose_padding(x_shape[2:], y_shape[2:], kernel, strides, dilations, pads)
+    attrs = {"strides": strides, "dilations": dilations, "pads": pads, "group": ctx.attr("group", 1)}
+    if variant == "conv":
+        attrs["output_padding"] = extra
+        return inputs, attrs
+    attrs.update(_flipped_weight(w_shape, int(ctx.attr("group", 1))))
+    begin = [(kernel[a] - 1) * dilations[a] - pads[a] for a in range(n)]
+    end = [(kernel[a] - 1) * dilations[a] - pads[a + n] + extra[a] for a in range(n)]
+    if min(begin + end) < 0:
+        raise Unsupported("pads larger than the kernel's reach are not supported")
+    attrs["bwd_pads"] = begin + end
+    if variant == "convgrouped":
+        out = ctx.static_shape(node.output[0], 2)[2:]
+        up_pads = [0] * (2 * (2 + 2 * n))
+        for a in range(n):
+            up_pads[(2 + 2 * n) + 3 + 2 * a] = strides[a] - 1
+        attrs.update({"up_axes": [3 + 2 * a for a in range(n)], "up_pads": up_pads,
+                      "up_shape": [0, 0] + [out[a] * strides[a] for a in range(n)],
+                      "up_ends": [(out[a] - 1) * strides[a] + 1 for a in range(n)],
+                      "spatial_axes": list(range(2, 2 + n))})
     return inputs, attrs
+
+
+def _flipped_weight(w_shape: list[int], group: int) -> dict[str, Any]:
+    """Attributes that turn W [M, C/g, k...] into the transposed pass's kernel [C, M/g, k...], flipped in space."""
+    m, cg, kernel = w_shape[0], w_shape[1], w_shape[2:]
+    n = len(kernel)
+    return {"w_group_shape": [group, m // group, cg] + list(kernel), "w_perm": [0, 2, 1] + list(range(3, 3 + n)),
+            "w_shape": [group * cg, m // group] + list(kernel), "flip_axes": list(range(2, 2 + n)),
+            "flip_starts": [-1] * n, "flip_ends": [-(2 ** 63)] * n, "flip_steps": [-1] * n}
 
 
 def conv_variant(ctx: BindContext) -> str:
     """The fwd/bwd pair for a Conv: stride-1 convolutions take their transposed pass as a Conv (faster on ONNX
-    Runtime's CPU kernels), grouped ones as a Conv on the stride-spread input (onnx.reference's ConvTranspose
-    lacks groups), the rest ConvTranspose."""
+    Runtime's CPU kernels, and independent of the input size), grouped ones as a Conv on the stride-spread input
+    (onnx.reference's ConvTranspose lacks groups), the rest ConvTranspose; strided convolutions whose spatial
+    sizes are only known at run time use ConvTranspose cut to the input's size."""
     strides = ctx.attr("strides", None)
     if strides is None or all(int(s) == 1 for s in strides):
         return "convs1"
+    shapes = [ctx.view.shape(ctx.node.input[0]), ctx.view.shape(ctx.node.output[0])]
+    if any(s is None or None in s[2:] for s in shapes):
+        return "convdyn"
     return "convgrouped" if int(ctx.attr("group", 1)) > 1 else "conv"
-
-
-def _grouped_backward(ctx: BindContext, x_shape, y_shape, w_shape, strides, pads, dilations) -> dict[str, Any]:
-    """Attributes of convgrouped_bwd: spread S by the strides, transpose/flip W per group, pad for the output."""
-    group = int(ctx.attr("group", 1))
-    kernel, n = w_shape[2:], len(w_shape) - 2
-    out = y_shape[2:]
-    up_pads = [0] * (2 * (2 + 2 * n))
-    for a in range(n):
-        up_pads[(2 + 2 * n) + 3 + 2 * a] = strides[a] - 1
-    extra = _transpose_padding(x_shape[2:], out, kernel, strides, dilations, pads)
-    begin = [(kernel[a] - 1) * dilations[a] - pads[a] for a in range(n)]
-    end = [(kernel[a] - 1) * dilations[a] - pads[a + n] + extra[a] for a in range(n)]
-    if min(begin + end) < 0:
-        raise Unsupported("pads larger than the kernel's reach are not supported for grouped Conv")
-    m, cg = w_shape[0], w_shape[1]
-    return {
-        "up_axes": [3 + 2 * a for a in range(n)], "up_pads": up_pads,
-        "up_shape": [0, 0] + [out[a] * strides[a] for a in range(n)],
-        "up_ends": [(out[a] - 1) * strides[a] + 1 for a in range(n)], "spatial_axes": list(range(2, 2 + n)),
-        "w_group_shape": [group, m // group, cg] + list(kernel), "w_perm": [0, 2, 1] + list(range(3, 3 + n)),
-        "w_shape": [group * cg, m // group] + list(kernel), "flip_axes": list(range(2, 2 + n)),
-        "flip_starts": [-1] * n, "flip_ends": [-(2 ** 63)] * n, "flip_steps": [-1] * n, "bwd_pads": begin + end,
-    }
 
 
 GATES = {"Sigmoid", "HardSigmoid", "Softmax", "Tanh"}

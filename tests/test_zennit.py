@@ -62,3 +62,47 @@ def test_explicit_target_equals_zennit(exported, name):
     explainer = onnxlrp.Explainer(exported(name, "dynamo18"), composite="epsilon_plus_flat")
     _, relevance = explainer.explain(x.numpy(), target=target)
     assert rel_l2(relevance, zennit_relevance(name, "epsilon_plus_flat", x, target)) <= 1e-3
+
+
+class _FullyConvolutional(torch.nn.Module):
+    """Strided, grouped and stride-1 convolutions, max pooling and a global average pool: any input size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
+                                 nn.MaxPool2d(3, 2, padding=1), nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=4),
+                                 nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_dynamic_spatial_size_equals_zennit(tmp_path, exporter):
+    """An export with dynamic height and width: the compiled model explains any input size, like Zennit."""
+    import contextlib
+    import io
+    import warnings
+    torch.manual_seed(0)
+    model = _FullyConvolutional().eval()
+    path = tmp_path / "dyn.onnx"
+    example = torch.randn(2, 3, 20, 24)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript17":
+            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                              output_names=["y"], dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}, "y": {0: "N"}})
+        else:
+            dims = ({0: torch.export.Dim("N"), 2: torch.export.Dim("H", min=8), 3: torch.export.Dim("W", min=8)},)
+            torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=18, input_names=["x"],
+                              output_names=["y"], dynamic_shapes=dims, external_data=False)
+    explainer = onnxlrp.Explainer(path, composite="epsilon_plus_flat")
+    for size in [(20, 24), (17, 31)]:
+        x = torch.randn(2, 3, *size)
+        _, relevance = explainer.explain(x.numpy())
+        with torch.no_grad():
+            one_hot = torch.eye(5)[model(x).argmax(1)]
+        with Gradient(model=model, composite=EpsilonPlusFlat()) as attributor:
+            _, expected = attributor(x.clone(), lambda out: out * one_hot)
+        assert rel_l2(relevance, expected.detach().numpy()) <= 1e-3

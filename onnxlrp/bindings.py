@@ -72,6 +72,11 @@ class BindContext:
                 return helper.get_attribute_value(a)
         return default
 
+    def text(self, name: str, default: str) -> str:
+        """A string attribute (stored as bytes in the proto) as str."""
+        value = self.attr(name, default)
+        return value.decode() if isinstance(value, bytes) else value
+
     def static_shape(self, tensor: str, start: int = 0, axis: int | None = None) -> list[int | None]:
         """The tensor's shape, requiring static sizes from axis ``start`` on (or just on ``axis``)."""
         shape = self.view.shape(tensor)
@@ -170,8 +175,7 @@ def make_attribute(name: str, value: Any, attr_type: int | None) -> AttributePro
 def _explicit_pads(ctx: BindContext, in_spatial: list[int], kernel: list[int], strides: list[int],
                    dilations: list[int]) -> list[int]:
     """The node's pads with auto_pad resolved against the static input size."""
-    auto_pad = ctx.attr("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    auto_pad = ctx.text("auto_pad", "NOTSET")
     n = len(kernel)
     if auto_pad in ("NOTSET", ""):
         return list(ctx.attr("pads", [0] * 2 * n))
@@ -221,7 +225,7 @@ def bind_conv(ctx: BindContext) -> Binding:
         pads = _explicit_pads(ctx, [max(kernel)] * n, kernel, strides, dilations)
         extra = [0] * n
     elif variant == "convdyn":
-        if ctx.attr("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID", b"", ""):
+        if ctx.text("auto_pad", "NOTSET") not in ("NOTSET", "VALID", ""):
             raise Unsupported("auto_pad SAME with a strided Conv needs the static input size")
         pads = _explicit_pads(ctx, [None] * n, kernel, strides, dilations)
         attrs = {"strides": strides, "dilations": dilations, "pads": pads, "group": ctx.attr("group", 1),
@@ -362,8 +366,7 @@ def bind_maxpool(ctx: BindContext) -> Binding:
     kernel = list(ctx.attr("kernel_shape"))
     n = len(kernel)
     strides, dilations = list(ctx.attr("strides", [1] * n)), list(ctx.attr("dilations", [1] * n))
-    auto_pad = ctx.attr("auto_pad", b"NOTSET")
-    in_spatial = ctx.static_shape(ctx.node.input[0], 2)[2:] if auto_pad not in (b"NOTSET", "NOTSET", b"", "") \
+    in_spatial = ctx.static_shape(ctx.node.input[0], 2)[2:] if ctx.text("auto_pad", "NOTSET") not in ("NOTSET", "") \
         else [None] * n
     return {}, {"kernel_shape": kernel, "strides": strides, "dilations": dilations,
                 "pads": _explicit_pads(ctx, in_spatial, kernel, strides, dilations),
@@ -430,8 +433,7 @@ def bind_gather(ctx: BindContext) -> Binding:
 
 def bind_pad(ctx: BindContext) -> Binding:
     node = ctx.node
-    mode = ctx.attr("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = ctx.text("mode", "constant")
     if mode != "constant":
         raise Unsupported(f"Pad mode {mode!r} (only constant padding is supported)")
     if len(node.input) > 3 and node.input[3]:

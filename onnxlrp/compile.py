@@ -58,6 +58,7 @@ class _Builder:
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[onnx.TensorProto] = field(default_factory=list)
     functions: set[str] = field(default_factory=set)
+    totals: dict[str, str] = field(default_factory=dict)  # see _sample_total
 
     def fresh(self, hint: str) -> str:
         name, k = hint, 0
@@ -196,7 +197,8 @@ ARRIVING_PREFIX = "layer_arriving__"
 def _bias_relevance(plan: Plan, units: bool) -> tuple[str, list[dict]]:
     """[N, columns]: per rule application, relevance arriving minus relevance passed on (what the bias and the
     stabilizer absorbed); with ``units``, epsilon-ruled linear layers get one column per bias unit."""
-    b, lib = plan.builder, library()
+    b = plan.builder
+    types = library().attribute_types("bias_units")
     one = b.constant("bias_axis_1", np.array([1], dtype=np.int64))
     parts, columns = [], []
     for record in plan.records:
@@ -205,7 +207,6 @@ def _bias_relevance(plan: Plan, units: bool) -> tuple[str, list[dict]]:
         if units and record.epsilon_terms is not None:
             bias, y, r, shape = record.epsilon_terms
             rank = len(shape or [0, 0])
-            types = lib.attribute_types("bias_units")
             attrs = [make_attribute("lrp_epsilon", plan.params["epsilon"], types["lrp_epsilon"]),
                      make_attribute("bias_shape", [-1] + [1] * (rank - 2), types["bias_shape"]),
                      make_attribute("spatial_axes", list(range(2, rank)), types["spatial_axes"])]
@@ -213,10 +214,8 @@ def _bias_relevance(plan: Plan, units: bool) -> tuple[str, list[dict]]:
             count = (shape or [None, None])[1]
             columns.append({"node": record.node, "units": count})
         else:
-            arriving = b.total([b.call("sample_sum", [t], f"{t}__sum")[0] for t in record.arriving],
-                               f"{record.node}__bias_in")
-            passed = b.total([b.call("sample_sum", [t], f"{t}__sum")[0] for t in record.passed],
-                             f"{record.node}__bias_out")
+            arriving = _sample_total(b, record.arriving, f"{record.node}__arr_sum")
+            passed = _sample_total(b, record.passed, f"{record.node}__layer_sum")
             column = b.plain("Unsqueeze", [b.plain("Sub", [arriving, passed], f"{record.node}__absorbed"), one],
                              f"{record.node}__absorbed_col")
             columns.append({"node": record.node, "units": 1})
@@ -234,12 +233,21 @@ def _layer_outputs(plan: Plan, arriving: bool) -> list[tuple[str, str]]:
     for record in plan.records:
         if not record.passed:
             continue
-        parts = [plan.builder.call("sample_sum", [t], f"{t}__sum")[0] for t in record.passed]
-        outputs.append((LAYER_PREFIX + record.node, plan.builder.total(parts, f"{record.node}__layer_sum")))
+        outputs.append((LAYER_PREFIX + record.node,
+                        _sample_total(plan.builder, record.passed, f"{record.node}__layer_sum")))
         if arriving:
-            parts = [plan.builder.call("sample_sum", [t], f"{t}__sum")[0] for t in record.arriving]
-            outputs.append((ARRIVING_PREFIX + record.node, plan.builder.total(parts, f"{record.node}__arr_sum")))
+            outputs.append((ARRIVING_PREFIX + record.node,
+                            _sample_total(plan.builder, record.arriving, f"{record.node}__arr_sum")))
     return outputs
+
+
+def _sample_total(builder: _Builder, tensors: list[str], name: str) -> str:
+    """The per-sample sum [N] of relevance tensors, built once per name (the layer outputs and the bias
+    accounting share them)."""
+    if name not in builder.totals:
+        parts = [builder.call("sample_sum", [t], f"{t}__sum")[0] for t in tensors]
+        builder.totals[name] = builder.total(parts, name)
+    return builder.totals[name]
 
 
 def _explained_tensor(view: GraphView, name: str | None, source: str) -> str:

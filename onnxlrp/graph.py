@@ -31,6 +31,7 @@ class GraphView:
     consumers: dict[str, list[int]] = field(init=False)
     initializers: dict[str, onnx.TensorProto] = field(init=False)
     activations: set[str] = field(init=False)
+    _nonneg: dict[str, bool] = field(init=False, default_factory=dict)  # memo of nonnegative()
 
     def __post_init__(self) -> None:
         graph = self.model.graph
@@ -136,8 +137,6 @@ class GraphView:
     def nonnegative(self, name: str) -> bool:
         """Whether a tensor is known to be >= 0 everywhere (after Relu, through pooling, shape ops, sums of
         non-negative tensors, ...), so rules can skip their terms for negative inputs."""
-        if not hasattr(self, "_nonneg"):
-            self._nonneg: dict[str, bool] = {}
         if name in self._nonneg:
             return self._nonneg[name]
         self._nonneg[name] = False  # cycles cannot occur, but be safe

@@ -71,25 +71,27 @@ def random_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[
     return feeds
 
 
-def conservation_rows(plan_records, values: dict[str, np.ndarray], signal: str) -> list[dict]:
-    """Per rule application: relevance received and passed on (mean over the batch), drift, and a flag."""
+def conservation_rows(rules: list[dict], values: dict[str, np.ndarray], signal: str) -> list[dict]:
+    """Per rule application (``rules``: the compiled model's ``onnxlrp.rules`` metadata): relevance received and
+    passed on (mean over the batch), drift, and a flag."""
     rows = []
-    for record in plan_records:
-        name = LAYER_PREFIX + record.node
+    for record in rules:
+        node, op, rule = record["node"], record["op"], record["rule"]
+        name = LAYER_PREFIX + node
         if name not in values:
             continue
-        arriving = float(values[ARRIVING_PREFIX + record.node].mean())
+        arriving = float(values[ARRIVING_PREFIX + node].mean())
         passed = float(values[name].mean())
         drift = (passed - arriving) / max(abs(arriving), 1e-12)
-        conserving = record.rule in CONSERVING and record.op not in DROPPING_OPS
-        if signal == "gradient":
-            expected, flag = "gradient (no conservation)", ""
+        conserving = rule in CONSERVING and op not in DROPPING_OPS
+        if signal != "relevance":
+            expected, flag = f"{signal} (no conservation)", ""
         elif conserving:
             expected = "conserves"
             flag = ("LOSES" if drift < 0 else "CREATES") if abs(drift) > DRIFT_TOLERANCE else ""
         else:
-            expected, flag = "absorbs bias/stabilizer" if record.op not in DROPPING_OPS else "drops padding", ""
-        rows.append({"layer": record.node, "op": record.op, "rule": record.rule, "arriving": arriving,
+            expected, flag = "absorbs bias/stabilizer" if op not in DROPPING_OPS else "drops padding", ""
+        rows.append({"layer": node, "op": op, "rule": rule, "arriving": arriving,
                      "passed": passed, "drift": drift, "expected": expected, "flag": flag})
     return rows
 

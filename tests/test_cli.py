@@ -127,7 +127,7 @@ def test_check_flags_a_layer_that_creates_relevance(tmp_path):
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
     model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g", [x], [y]),
                               opset_imports=[helper.make_opsetid("", 18)])
-    records = make_plan(model).records
+    records = [r.public() for r in make_plan(model).records]
     rows = conservation_rows(records, {"layer_relevance__relu": np.array([2.0]),
                                        "layer_arriving__relu": np.array([1.0])}, "relevance")
     assert rows[0]["flag"] == "CREATES"

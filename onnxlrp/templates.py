@@ -36,6 +36,7 @@ class OpSpec:
     linear: str | None = None  # prefix of the fwd/bwd pair for linear ops
     binder: str | None = None
     variant: str | None = None  # bindings.VARIANTS entry choosing the fwd/bwd pair per node
+    linear_variants: tuple[str, ...] = ()  # other transposed passes (<variant>_bwd) sharing <linear>_fwd
     elementwise: bool = False
     templates: dict[str, str | list[str]] = field(default_factory=dict)
 
@@ -72,20 +73,23 @@ class TemplateLibrary:
                     self.functions[function.name] = function
         ops = tomllib.loads(root.joinpath("ops.toml").read_text())
         self.ops = {name: _op_spec(name, table) for name, table in ops.items()}
+        self.variant_of = {v: spec.linear for spec in self.ops.values() for v in spec.linear_variants}
         self.composites: dict = tomllib.loads(root.joinpath("composites.toml").read_text())
 
     def function(self, name: str) -> FunctionProto:
         """The function called ``name``; linear rules are instantiated on first use."""
         if name not in self.functions:
             prefix, _, rule = name.partition("_")
-            if rule not in self.linear_rules or f"{prefix}_fwd" not in self.functions:
+            if rule not in self.linear_rules or f"{prefix}_bwd" not in self.functions:
                 raise KeyError(name)
             self.functions[name] = self._instantiate_linear(rule, prefix)
         return self.functions[name]
 
     def _instantiate_linear(self, rule: str, prefix: str) -> FunctionProto:
         generic = self.linear_rules[rule]
-        fwd, bwd = self.functions[f"{prefix}_fwd"], self.functions[f"{prefix}_bwd"]
+        # a variant (convs1, ...) has a transposed pass of its own but the forward of its op (conv_fwd)
+        fwd = self.functions[f"{self.variant_of.get(prefix, prefix)}_fwd"]
+        bwd = self.functions[f"{prefix}_bwd"]
         function = copy.deepcopy(generic)
         function.name = f"{prefix}_{rule}"
         types = {**attribute_types(fwd), **attribute_types(bwd)}
@@ -136,7 +140,7 @@ def attribute_types(function: FunctionProto) -> dict[str, int]:
 
 
 def _op_spec(name: str, table: dict) -> OpSpec:
-    known = {"category", "category_one_activation", "linear", "binder", "variant", "elementwise"}
+    known = {"category", "category_one_activation", "linear", "linear_variants", "binder", "variant", "elementwise"}
     return OpSpec(
         op_type=name,
         category=table["category"],
@@ -144,6 +148,7 @@ def _op_spec(name: str, table: dict) -> OpSpec:
         linear=table.get("linear"),
         binder=table.get("binder"),
         variant=table.get("variant"),
+        linear_variants=tuple(table.get("linear_variants", ())),
         elementwise=bool(table.get("elementwise", False)),
         templates={k: v for k, v in table.items() if k not in known},
     )

@@ -224,10 +224,14 @@ def bind_conv(ctx: BindContext) -> Binding:
     if variant == "convs1":  # with stride 1 nothing depends on the input size
         pads = _explicit_pads(ctx, [max(kernel)] * n, kernel, strides, dilations)
         extra = [0] * n
-    elif variant == "convdyn":
-        if ctx.text("auto_pad", "NOTSET") not in ("NOTSET", "VALID", ""):
+    elif variant in ("convdyn", "convflat"):  # ConvTranspose cut to the input's size at run time
+        x_shape = ctx.view.shape(node.input[0])
+        if x_shape is not None and None not in x_shape[2:]:
+            pads = _explicit_pads(ctx, list(x_shape[2:]), kernel, strides, dilations)
+        elif ctx.text("auto_pad", "NOTSET") not in ("NOTSET", "VALID", ""):
             raise Unsupported("auto_pad SAME with a strided Conv needs the static input size")
-        pads = _explicit_pads(ctx, [None] * n, kernel, strides, dilations)
+        else:
+            pads = _explicit_pads(ctx, [None] * n, kernel, strides, dilations)
         attrs = {"strides": strides, "dilations": dilations, "pads": pads, "group": ctx.attr("group", 1),
                  "output_padding": [max(s, d) - 1 for s, d in zip(strides, dilations)],
                  "spatial_axes": list(range(2, 2 + n))}
@@ -268,10 +272,13 @@ def _flipped_weight(w_shape: list[int], group: int) -> dict[str, Any]:
 
 
 def conv_variant(ctx: BindContext) -> str:
-    """The fwd/bwd pair for a Conv: stride-1 convolutions take their transposed pass as a Conv (faster on ONNX
-    Runtime's CPU kernels, and independent of the input size), grouped ones as a Conv on the stride-spread input
+    """The fwd/bwd pair for a Conv: flat with one group has a template of its own (convflat_flat); stride-1
+    convolutions take their transposed pass as a Conv (faster on ONNX Runtime's CPU kernels, and independent of
+    the input size), grouped ones as a Conv on the stride-spread input
     (onnx.reference's ConvTranspose lacks groups), the rest ConvTranspose; strided convolutions whose spatial
     sizes are only known at run time use ConvTranspose cut to the input's size."""
+    if ctx.rule == "flat" and int(ctx.attr("group", 1)) == 1:
+        return "convflat"  # a one-channel form of flat, see rules/ops/convflat_flat.onnxtxt
     strides = ctx.attr("strides", None)
     if strides is None or all(int(s) == 1 for s in strides):
         return "convs1"
@@ -373,6 +380,24 @@ def bind_maxpool(ctx: BindContext) -> Binding:
                 "ceil_mode": int(ctx.attr("ceil_mode", 0))}
 
 
+def maxpool_variant(ctx: BindContext) -> str | None:
+    """"unpool" when the windows do not overlap and MaxUnpool's own output size is the input's (no padding or
+    dilation, kernel <= strides, static sizes that the windows reach to the end): no winner can collect relevance
+    from two windows, so nothing needs adding up."""
+    kernel = [int(k) for k in ctx.attr("kernel_shape")]
+    n = len(kernel)
+    strides = [int(s) for s in ctx.attr("strides", [1] * n)]
+    x_shape, y_shape = ctx.view.shape(ctx.node.input[0]), ctx.view.shape(ctx.node.output[0])
+    if any(int(p) for p in ctx.attr("pads", [0] * 2 * n)) or any(int(d) != 1 for d in ctx.attr("dilations", [1] * n)):
+        return None
+    if ctx.text("auto_pad", "NOTSET") not in ("NOTSET", "VALID", "") or any(k > s for k, s in zip(kernel, strides)):
+        return None
+    if x_shape is None or y_shape is None or None in x_shape[2:] or None in y_shape[2:]:
+        return None
+    reach = [(o - 1) * s + k for o, s, k in zip(y_shape[2:], strides, kernel)]
+    return "unpool" if reach == list(x_shape[2:]) else None
+
+
 def bind_lrn(ctx: BindContext) -> Binding:
     size = int(ctx.attr("size"))
     lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
@@ -466,7 +491,8 @@ def add_variant(ctx: BindContext) -> str | None:
     return "complement" if fused_summand(ctx.view, ctx.index) == ctx.x else None
 
 
-VARIANTS: dict[str, Callable[[BindContext], str | None]] = {"conv": conv_variant, "add": add_variant}
+VARIANTS: dict[str, Callable[[BindContext], str | None]] = {"conv": conv_variant, "add": add_variant,
+                                                             "maxpool": maxpool_variant}
 
 BINDERS: dict[str, Callable[[BindContext], Binding]] = {
     "conv": bind_conv,

@@ -24,10 +24,12 @@ def _typed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def template_relevance(node: onnx.NodeProto, x: np.ndarray, r: np.ndarray, rule: str,
                        weights: dict[str, np.ndarray] | None = None, x_index: int = 0, y_index: int = 0,
-                       extra_inputs: dict[str, np.ndarray] | None = None, **options) -> np.ndarray:
+                       extra_inputs: dict[str, np.ndarray] | None = None, used: list[str] | None = None,
+                       **options) -> np.ndarray:
     """Relevance for input ``x_index`` of ``node`` when relevance ``r`` arrives at output ``y_index``.
 
     The node's input 0 (or every name in extra_inputs) is fed at run time; weights are initializers.
+    ``used``, when given, receives the name of the template that was applied.
     """
     weights = weights or {}
     extra_inputs = extra_inputs or {}
@@ -44,8 +46,10 @@ def template_relevance(node: onnx.NodeProto, x: np.ndarray, r: np.ndarray, rule:
     lib = library()
     spec = lib.ops[node.op_type]
     builder = _Builder(taken={"R"} | {n for n in node.input} | set(node.output))
-    ctx = BindContext(view, 0, x_index, y_index, builder.constant, 18, add_node=builder.plain)
+    ctx = BindContext(view, 0, x_index, y_index, builder.constant, 18, rule=rule, add_node=builder.plain)
     template = spec.template_for(rule, x_index, VARIANTS[spec.variant](ctx) if spec.variant else None)
+    if used is not None:
+        used.append(template)
     params = {"epsilon": 1e-6, "stabilizer": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0, "low": 0.0,
               "high": 1.0, **options}
     inputs, attrs = bind(ctx, lib.function(template), lib.attribute_types(template), params, spec.binder)
@@ -62,6 +66,23 @@ def template_relevance(node: onnx.NodeProto, x: np.ndarray, r: np.ndarray, rule:
     onnx.checker.check_model(full, full_check=True)
     session = ort.InferenceSession(full.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(["R_X"], {**feeds, "R": r})[0]
+
+
+def run_function(name: str, inputs: list[np.ndarray], attributes: dict) -> list[np.ndarray]:
+    """Call one template library function on the given inputs with ORT."""
+    lib = library()
+    function = lib.function(name)
+    types = lib.attribute_types(name)
+    call = helper.make_node(name, list(function.input), list(function.output), domain=DOMAIN)
+    call.attribute.extend(helper.make_attribute(k, v, attr_type=types.get(k)) for k, v in attributes.items())
+    graph = helper.make_graph(
+        [call], "call", [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+                         for n, v in zip(function.input, inputs)],
+        [helper.make_empty_tensor_value_info(o) for o in function.output])
+    model = _typed_outputs(helper.make_model(graph, functions=lib.closure([name]), ir_version=10, opset_imports=[
+        helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, dict(zip(function.input, inputs)))
 
 
 def forward(node: onnx.NodeProto, x: np.ndarray, weights: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from helpers import conv_numpy, dense_matrix, forward, template_relevance, zennit_rule
+from helpers import conv_numpy, dense_matrix, forward, run_function, template_relevance, zennit_rule
 
 LINEAR_RULES = ["epsilon", "zplus", "alpha_beta", "gamma", "zbox", "flat", "wsquare", "gradient"]
 CONV_CASES = {
@@ -44,8 +44,11 @@ def test_conv_rules_match_numpy(case, rule):
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)
     (y,) = forward(node, x, {"w": w, "b": b})
     r = rng.standard_normal(y.shape).astype(np.float32)
-    got = template_relevance(node, x, r, rule, {"w": w, "b": b}, low=-2.0, high=2.0)
+    used = []
+    got = template_relevance(node, x, r, rule, {"w": w, "b": b}, low=-2.0, high=2.0, used=used)
     strides, pads, dilations, group = _conv_attrs(attrs, x_shape, w_shape)
+    if rule == "flat":  # one group: the one-channel form of flat
+        assert used == ["convflat_flat" if group == 1 else f"{used[0].split('_')[0]}_flat"]
     zero = np.zeros(w_shape[0])
     np.testing.assert_allclose(conv_numpy(x, w, b, strides, pads, dilations, group), y, rtol=1e-4, atol=1e-4)
     for n in range(x_shape[0]):
@@ -111,19 +114,27 @@ def _maxpool_numpy(x, kernel, strides, pads, ceil_mode, r):
     return out
 
 
-@pytest.mark.parametrize("kernel,strides,pads,ceil_mode", [
-    ([3, 3], [2, 2], [0, 0, 0, 0], 0),   # overlapping windows (AlexNet)
-    ([3, 3], [2, 2], [0, 0, 0, 0], 1),   # ceil_mode: a partial window at the end
-    ([2, 3], [1, 2], [1, 1, 0, 1], 0),   # pads, uneven kernel
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("kernel,strides,pads,ceil_mode,template", [
+    ([3, 3], [2, 2], [0, 0, 0, 0], 0, "maxpool_gradient"),   # overlapping windows (AlexNet)
+    ([3, 3], [2, 2], [0, 0, 0, 0], 1, "maxpool_gradient"),   # ceil_mode: a partial window at the end
+    ([2, 3], [1, 2], [1, 1, 0, 1], 0, "maxpool_gradient"),   # pads, uneven kernel
+    ([2, 3], [2, 3], [0, 0, 0, 0], 0, "maxpool_gradient_unpool"),  # windows tile the input (VGG)
+    ([2, 3], [3, 3], [0, 0, 0, 0], 0, "maxpool_gradient_unpool"),  # gaps between the windows
+    ([2, 2], [2, 2], [0, 0, 0, 0], 0, "maxpool_gradient"),   # the last column is in no window
 ])
-def test_maxpool_routes_to_winners(kernel, strides, pads, ceil_mode):
+def test_maxpool_routes_to_winners(kernel, strides, pads, ceil_mode, template, ties):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 3, 8, 9)).astype(np.float32)
+    if ties:  # Relu outputs: many windows of equal values; the first maximum in row-major order wins
+        x = np.round(np.maximum(x, 0))
     node = helper.make_node("MaxPool", ["x"], ["y", "idx"], kernel_shape=kernel, strides=strides, pads=pads,
                             ceil_mode=ceil_mode)
     y = forward(node, x)[0]
     r = rng.standard_normal(y.shape).astype(np.float32)
-    got = template_relevance(node, x, r, "gradient")
+    used = []
+    got = template_relevance(node, x, r, "gradient", used=used)
+    assert used == [template]
     expected = _maxpool_numpy(x, kernel, strides, pads, ceil_mode, r)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert np.isclose(got.sum(), r.sum(), rtol=1e-5)
@@ -253,3 +264,14 @@ def test_add_norm_splits_by_contribution_and_unbroadcasts():
     y = a + b
     np.testing.assert_allclose(ra, a * r / (y + 1e-6 * np.where(y >= 0, 1, -1)), rtol=1e-4)
     np.testing.assert_allclose(ra + rb, r, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.0, 0.25])
+def test_stabilizer_is_zennits_bit_for_bit(eps):
+    """stab(z) = z + eps * sign(z) with sign(0) = +1, exactly, also for -0, the smallest subnormals and infinities."""
+    tiny = np.float32(1.4e-45)
+    z = np.array([0.0, -0.0, tiny, -tiny, 3 * tiny, -3 * tiny, 1e-38, -1e-38, 1e-7, -1e-7, 1e-6, -1e-6, 2.5, -2.5,
+                  3e38, -3e38, np.inf, -np.inf], dtype=np.float32)
+    out = run_function("stab", [z], {"epsilon": eps})[0]
+    expected = z + np.float32(eps) * np.where(z >= 0, np.float32(1), np.float32(-1))
+    np.testing.assert_array_equal(out, expected)

@@ -1,10 +1,15 @@
 """Explain cost against a forward pass: ONNX Runtime forward of the original model, ORT run of the compiled model
 (forward + relevance), their ratio, Zennit's time on the same weights and input (if zennit is installed), and
-the compile time. torchvision ResNet-50 and VGG-16 with random weights at 224x224, batch 1 and 8; medians of
---repeats runs after a warm-up; one table from one run.
+the compile time. torchvision ResNet-50 and VGG-16 with random weights at 224x224, batch 1 and 8; one table from
+one run.
 
-    python benchmarks/bench_explain.py [--models resnet50,vgg16] [--batches 1,8] [--repeats 5] [--provider cpu|cuda]
-                                       [--cuda-batch 64]
+Timing: --rounds rounds, each running the forward and the compiled model in turn, each as a warm-up plus --repeats
+timed runs; a time is the lowest of its rounds' medians (Zennit's rounds follow). Shared machines slow down for
+seconds at a time; interleaving the two and keeping each one's best round keeps such a slowdown from landing on one
+side of the ratio.
+
+    python benchmarks/bench_explain.py [--models resnet50,vgg16] [--batches 1,8] [--repeats 5] [--rounds 3]
+                                       [--provider cpu|cuda] [--cuda-batch 64] [--no-zennit]
 """
 from __future__ import annotations
 
@@ -37,6 +42,15 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def best_of_rounds(fns: dict, repeats: int, rounds: int) -> dict:
+    """name -> the lowest of ``rounds`` medians, the named functions taking turns round by round."""
+    medians: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            medians[name].append(median_time(fn, repeats))
+    return {name: min(values) for name, values in medians.items()}
+
+
 def export(name: str, folder: Path):
     import torch
     import torchvision
@@ -50,19 +64,23 @@ def export(name: str, folder: Path):
     return model, path
 
 
-def zennit_time(model, x: np.ndarray, repeats: int) -> float | None:
+@contextlib.contextmanager
+def zennit_explainer(model, x: np.ndarray):
+    """A function running Zennit's EpsilonPlusFlat on x (None when zennit is not installed)."""
     try:
         import torch
         from zennit.attribution import Gradient
         from zennit.composites import EpsilonPlusFlat
         from zennit.torchvision import ResNetCanonizer, VGGCanonizer
     except ImportError:
-        return None
+        yield None
+        return
     canonizer = ResNetCanonizer() if "ResNet" in type(model).__name__ else VGGCanonizer()
     xt = torch.tensor(x)
-    one_hot = torch.eye(1000)[model(xt).argmax(1)]
+    with torch.no_grad():
+        one_hot = torch.eye(1000)[model(xt).argmax(1)]
     with Gradient(model=model, composite=EpsilonPlusFlat(canonizers=[canonizer])) as attributor:
-        return median_time(lambda: attributor(xt, lambda out: out * one_hot), repeats)
+        yield lambda: attributor(xt, lambda out: out * one_hot)
 
 
 def main() -> None:
@@ -70,6 +88,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet50,vgg16")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cuda" if cuda_usable() else "cpu")
     parser.add_argument("--cuda-batch", type=int, default=64, help="batch for explanations/s on CUDA")
     parser.add_argument("--no-zennit", action="store_true")
@@ -97,9 +116,16 @@ def main() -> None:
             for batch in batches:
                 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
                 target = np.full(batch, -1, np.int64)
-                fwd = median_time(lambda: original.run(None, {"x": x}), args.repeats)
-                lrp = median_time(lambda: explaining.run(None, {"x": x, "target": target}), args.repeats)
-                zen = None if args.no_zennit or args.provider == "cuda" else zennit_time(model, x, args.repeats)
+                use_zennit = not args.no_zennit and args.provider == "cpu"
+                times = best_of_rounds({"fwd": lambda: original.run(None, {"x": x}),
+                                        "lrp": lambda: explaining.run(None, {"x": x, "target": target})},
+                                       args.repeats, args.rounds)
+                fwd, lrp, zen = times["fwd"], times["lrp"], None
+                # Zennit on its own afterwards: PyTorch's worker threads keep spinning after a call and would slow
+                # down an ONNX Runtime run that follows them
+                with zennit_explainer(model, x) if use_zennit else contextlib.nullcontext() as zennit:
+                    if zennit is not None:
+                        zen = best_of_rounds({"zennit": zennit}, args.repeats, args.rounds)["zennit"]
                 zen_s = f"{zen:.3f}" if zen else "–"
                 versus = f"{zen / lrp:.1f}× faster" if zen else "–"
                 extra = f" ({batch / lrp:.0f} explanations/s)" if args.provider == "cuda" else ""

@@ -22,10 +22,25 @@ CATEGORY_NOTES = {
 }
 
 
+def variant_templates(op: str) -> list[str]:
+    """Templates that replace an op's own per node (see ``variant`` in ops.toml): the other transposed passes of a
+    linear op, templates of its own for one rule (``convflat_flat``), ``<template>_<variant>`` for the rest."""
+    lib = library()
+    spec = lib.ops[op]
+    if spec.linear:
+        prefixes = {spec.linear, *spec.linear_variants}  # (their rules are instantiated from rules/linear)
+        own = [f for f in lib.functions if f.startswith(spec.linear) and f.partition("_")[0] not in prefixes
+               and f.partition("_")[2] in lib.linear_rules]
+        return [f"{v}_*" for v in spec.linear_variants] + sorted(own)
+    names = {t for t in spec.templates.values() if isinstance(t, str)}
+    return sorted(f for f in lib.functions for t in names if f.startswith(f"{t}_") and f not in names) \
+        if spec.variant else []
+
+
 def ops_table() -> str:
     """Markdown table: op, category, the rules it supports and their templates."""
     lib = library()
-    rows = ["| op | category | rules → templates |", "|---|---|---|"]
+    rows = ["| op | category | rules → templates | variants chosen per node |", "|---|---|---|---|"]
     for op, spec in sorted(lib.ops.items()):
         if spec.linear:
             rules = ", ".join(f"{r} → `{spec.linear}_{r}`" for r in sorted(lib.linear_rules))
@@ -34,7 +49,8 @@ def ops_table() -> str:
                               for r, t in sorted(spec.templates.items()))
         category = spec.category if not spec.category_one_activation else \
             f"{spec.category} (one activation input: {spec.category_one_activation})"
-        rows.append(f"| {op} | {category} | {rules} |")
+        variants = ", ".join(f"`{v}`" for v in variant_templates(op)) or "–"
+        rows.append(f"| {op} | {category} | {rules} | {variants} |")
     return "\n".join(rows)
 
 

@@ -234,7 +234,7 @@ def bind_conv(ctx: BindContext) -> Binding:
             pads = _explicit_pads(ctx, [None] * n, kernel, strides, dilations)
         attrs = {"strides": strides, "dilations": dilations, "pads": pads, "group": ctx.attr("group", 1),
                  "output_padding": [max(s, d) - 1 for s, d in zip(strides, dilations)],
-                 "spatial_axes": list(range(2, 2 + n))}
+                 "spatial_axes": list(range(2, 2 + n)), "channel_sum_shape": [1, -1] + [1] * n}
         return inputs, attrs
     else:
         x_shape, y_shape = ctx.static_shape(node.input[0], 2), ctx.static_shape(node.output[0], 2)

@@ -17,26 +17,24 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+#: The float rule parameters shared by compile and explain, with their help texts (defaults: Zennit's).
+RULE_PARAMETERS = {
+    "epsilon": "epsilon of the Epsilon rule (0 = LRP-0).",
+    "stabilizer": "Stabilizer of every other rule.",
+    "gamma": "gamma of the Gamma rule.",
+    "alpha": "alpha of the AlphaBeta rule (alpha - beta = 1).",
+    "beta": "beta of the AlphaBeta rule.",
+    "low": "Lowest input value, for the ZBox rule.",
+    "high": "Highest input value, for the ZBox rule.",
+}
+
+
 def rule_options(command):
     """The rule parameters shared by compile and explain (Zennit's defaults)."""
-    options = [
-        click.option("--epsilon", type=float, default=DEFAULT_OPTIONS["epsilon"], show_default=True,
-                     help="epsilon of the Epsilon rule (0 = LRP-0)."),
-        click.option("--stabilizer", type=float, default=DEFAULT_OPTIONS["stabilizer"], show_default=True,
-                     help="Stabilizer of every other rule."),
-        click.option("--gamma", type=float, default=DEFAULT_OPTIONS["gamma"], show_default=True,
-                     help="gamma of the Gamma rule."),
-        click.option("--alpha", type=float, default=DEFAULT_OPTIONS["alpha"], show_default=True,
-                     help="alpha of the AlphaBeta rule (alpha - beta = 1)."),
-        click.option("--beta", type=float, default=DEFAULT_OPTIONS["beta"], show_default=True,
-                     help="beta of the AlphaBeta rule."),
-        click.option("--low", type=float, default=DEFAULT_OPTIONS["low"], show_default=True,
-                     help="Lowest input value, for the ZBox rule."),
-        click.option("--high", type=float, default=DEFAULT_OPTIONS["high"], show_default=True,
-                     help="Highest input value, for the ZBox rule."),
-        click.option("--lrn-rule", default=DEFAULT_OPTIONS["lrn_rule"], show_default=True,
-                     help=f"Rule for LRN layers: {', '.join(LRN_RULES)}."),
-    ]
+    options = [click.option(f"--{name}", type=float, default=DEFAULT_OPTIONS[name], show_default=True, help=text)
+               for name, text in RULE_PARAMETERS.items()]
+    options.append(click.option("--lrn-rule", default=DEFAULT_OPTIONS["lrn_rule"], show_default=True,
+                                help=f"Rule for LRN layers: {', '.join(LRN_RULES)}."))
     for option in reversed(options):
         command = option(command)
     return command

@@ -61,11 +61,16 @@ def template_relevance(node: onnx.NodeProto, x: np.ndarray, r: np.ndarray, rule:
             helper.make_tensor_value_info("R", helper.np_dtype_to_tensor_dtype(r.dtype), list(r.shape))],
         [helper.make_empty_tensor_value_info("R_X")],
         list(model.graph.initializer) + builder.initializers)
-    full = _typed_outputs(helper.make_model(graph, functions=lib.closure([template]), ir_version=10, opset_imports=[
-        helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]))
-    onnx.checker.check_model(full, full_check=True)
-    session = ort.InferenceSession(full.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(["R_X"], {**feeds, "R": r})[0]
+    return _session(graph, template).run(["R_X"], {**feeds, "R": r})[0]
+
+
+def _session(graph: onnx.GraphProto, function: str) -> ort.InferenceSession:
+    """An ORT session for a graph that calls the library function ``function`` (checked with full_check)."""
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]
+    model = _typed_outputs(helper.make_model(graph, functions=library().closure([function]), ir_version=10,
+                                             opset_imports=opsets))
+    onnx.checker.check_model(model, full_check=True)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def run_function(name: str, inputs: list[np.ndarray], attributes: dict) -> list[np.ndarray]:
@@ -79,10 +84,7 @@ def run_function(name: str, inputs: list[np.ndarray], attributes: dict) -> list[
         [call], "call", [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
                          for n, v in zip(function.input, inputs)],
         [helper.make_empty_tensor_value_info(o) for o in function.output])
-    model = _typed_outputs(helper.make_model(graph, functions=lib.closure([name]), ir_version=10, opset_imports=[
-        helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, dict(zip(function.input, inputs)))
+    return _session(graph, name).run(None, dict(zip(function.input, inputs)))
 
 
 def forward(node: onnx.NodeProto, x: np.ndarray, weights: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:

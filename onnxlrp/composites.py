@@ -1,6 +1,7 @@
 """Which rule each node on the relevance path gets: composites (Zennit's presets) over op categories."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -21,6 +22,7 @@ DEFAULT_OPTIONS: dict[str, float | str] = {
     "lrn_rule": "taylor",
 }
 LRN_RULES = ("identity", "taylor")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -60,20 +62,32 @@ def validate_options(options: dict) -> dict:
     if unknown:
         raise OnnxlrpError(f"unknown rule option(s): {', '.join(sorted(unknown))}")
     merged = {**DEFAULT_OPTIONS, **{k: v for k, v in options.items() if v is not None}}
-    for key in ("epsilon", "stabilizer", "gamma", "alpha", "beta"):
-        merged[key] = float(merged[key])
-        if merged[key] < 0:
+    for key in ("epsilon", "stabilizer", "gamma", "alpha", "beta", "low", "high"):
+        merged[key] = _finite(key, merged[key])
+        if merged[key] < 0 and key not in ("low", "high"):
             raise OnnxlrpError(f"bad rule parameter: {key} must be >= 0, got {merged[key]:g}")
     if abs(merged["alpha"] - merged["beta"] - 1.0) > 1e-9:
         raise OnnxlrpError(
             f"bad rule parameter: alpha - beta must equal 1, got alpha={merged['alpha']:g}, beta={merged['beta']:g}")
-    merged["low"], merged["high"] = float(merged["low"]), float(merged["high"])
     if merged["low"] > merged["high"]:
         raise OnnxlrpError(f"bad rule parameter: low ({merged['low']:g}) must not exceed high ({merged['high']:g})")
     if merged["lrn_rule"] not in LRN_RULES:
         raise OnnxlrpError(f"bad rule parameter: lrn_rule must be one of {', '.join(LRN_RULES)}, "
                            f"got {merged['lrn_rule']!r}")
     return merged
+
+
+def _finite(key: str, value) -> float:
+    """A rule parameter as a finite float (NaN and infinities would turn every relevance into NaN)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise OnnxlrpError(f"bad rule parameter: {key} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise OnnxlrpError(f"bad rule parameter: {key} must be a finite number, got {number}")
+    if abs(number) > FLOAT32_MAX:
+        raise OnnxlrpError(f"bad rule parameter: {key} = {number:g} is beyond float32's range (±{FLOAT32_MAX:g})")
+    return number
 
 
 def node_category(view: GraphView, index: int) -> str | None:

@@ -2,6 +2,7 @@
 shaped for the model; turned into the model's layout, size and normalisation."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,8 @@ def parse_normalize(text: str) -> tuple[str, tuple[list[float], list[float]] | N
         mean, std = (float(v) for v in text.split(","))
     except ValueError:
         raise OnnxlrpError(f"--normalize must be imagenet, unit, none or MEAN,STD, got {text!r}") from None
+    if not (math.isfinite(mean) and math.isfinite(std)):
+        raise OnnxlrpError(f"--normalize: MEAN and STD must be finite numbers, got {text!r}")
     if std <= 0:
         raise OnnxlrpError(f"--normalize: STD must be positive, got {std:g}")
     return "custom", ([mean], [std])

@@ -166,7 +166,7 @@ def make_attribute(name: str, value: Any, attr_type: int | None) -> AttributePro
     elif attr_type == AttributeProto.INTS:
         value = [int(v) for v in value]
     elif attr_type == AttributeProto.FLOATS:
-        value = [float(v) for v in value]
+        value = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
     return helper.make_attribute(name, value, attr_type=attr_type)
 
 

@@ -24,14 +24,32 @@ RULE_PARAMETERS = {
     "gamma": "gamma of the Gamma rule.",
     "alpha": "alpha of the AlphaBeta rule (alpha - beta = 1).",
     "beta": "beta of the AlphaBeta rule.",
-    "low": "Lowest input value, for the ZBox rule.",
-    "high": "Highest input value, for the ZBox rule.",
+    "low": "Lowest input value, for the ZBox rule: one value or one per channel (comma-separated); explain "
+           "derives it from --normalize unless given.",
+    "high": "Highest input value, for the ZBox rule: one value or one per channel (comma-separated); explain "
+            "derives it from --normalize unless given.",
 }
+
+
+class Bounds(click.ParamType):
+    """One float, or one per channel separated by commas (ZBox's --low/--high)."""
+
+    name = "FLOAT[,FLOAT...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float, list)):
+            return value
+        try:
+            values = [float(v) for v in str(value).split(",")]
+        except ValueError:
+            self.fail(f"{value!r} is not a number or a comma-separated list of numbers (one per channel)", param, ctx)
+        return values[0] if len(values) == 1 else values
 
 
 def rule_options(command):
     """The rule parameters shared by compile and explain (Zennit's defaults)."""
-    options = [click.option(f"--{name}", type=float, default=DEFAULT_OPTIONS[name], show_default=True, help=text)
+    options = [click.option(f"--{name}", type=Bounds() if name in ("low", "high") else float,
+                            default=DEFAULT_OPTIONS[name], show_default=True, help=text)
                for name, text in RULE_PARAMETERS.items()]
     options.append(click.option("--lrn-rule", default=DEFAULT_OPTIONS["lrn_rule"], show_default=True,
                                 help=f"Rule for LRN layers: {', '.join(LRN_RULES)}."))
@@ -113,27 +131,61 @@ def _check_report(model: Path, composite: str, explain_output: str | None, optio
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--outdir", type=click.Path(path_type=Path), default=Path("onnxlrp-out"), show_default=True,
               help="Folder for the heatmaps (.png) and raw relevance (.npy).")
-@click.option("--target", type=int, default=None, help="Class to explain [default: the predicted class].")
+@click.option("--target", "targets", type=int, multiple=True,
+              help="Class to explain; repeat for several (one heatmap each, <name>.<class>.png) [default: the "
+                   "predicted class].")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Class names, one a line [default: from the model's metadata, when it has them].")
+@click.option("--json", "json_path", default=None, metavar="FILE|-",
+              help="Write one JSON record per input and target to FILE (- = stdout; the lines then go to stderr).")
 @click.option("--composite", "composites", multiple=True, default=["epsilon_plus_flat"], show_default=True,
               help=f"Rule preset (repeat for several): {', '.join(composite_names())}.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Inputs per run.")
-@click.option("--size", type=(int, int), default=None, help="Input height and width when the model's are dynamic.")
+@click.option("--explain-output", default=None, help="Output to explain [default: the first].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Inputs per run.")
+@click.option("--size", type=(click.IntRange(min=1), click.IntRange(min=1)), default=None,
+              help="Input height and width when the model's are dynamic.")
 @click.option("--normalize", default="unit", show_default=True,
               help="Pixel scaling: unit ([0, 1]), imagenet, none (0..255), or MEAN,STD after [0, 1] scaling.")
+@click.option("--resize-mode", "resize", type=click.Choice(["crop", "squash", "pad"]), default="crop",
+              show_default=True, help="crop: shorter side to the model's size, then centre crop; squash: both "
+                                      "sides; pad: longer side, then pad with black.")
 @click.option("--cmap", default="bwr", show_default=True, help="Colormap: a matplotlib name, or coldnhot.")
-@click.option("--overlay", is_flag=True, help="Blend the heatmap over the input image.")
-@click.option("--zoom", type=int, default=1, show_default=True, help="Upscale the PNGs by this integer factor.")
+@click.option("--overlay", is_flag=True, help="Draw the heatmap over the input image (opacity from |relevance|).")
+@click.option("--colorbar", is_flag=True, help="Add a colour bar with the scale's values to each heatmap.")
+@click.option("--scale", type=click.Choice(["each", "shared"]), default="each", show_default=True,
+              help="Colour scale: each heatmap its own, or one shared by all (comparable heatmaps).")
+@click.option("--zoom", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Upscale the PNGs by this integer factor.")
 @rule_options
-def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, target: int | None,
-                    composites: tuple[str, ...], batch_size: int, size, normalize: str, cmap: str, overlay: bool,
-                    zoom: int, **options) -> None:
+def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, targets: tuple[int, ...],
+                    labels_file: Path | None, json_path: str | None, composites: tuple[str, ...],
+                    explain_output: str | None, batch_size: int, size, normalize: str, resize: str, cmap: str,
+                    overlay: bool, colorbar: bool, scale: str, zoom: int, **options) -> None:
     """Explain images (PNG/JPEG), folders of them, or .npy arrays: a heatmap PNG, the raw relevance (.npy) and
-    one line per input (predicted class, score, explained class, sum of relevance)."""
+    one line per input and target (predicted class, score, explained class, sum of relevance)."""
+    import json
+
     from .explain import explain_files
+    from .labels import read_labels_file
+    from .save import write_file_atomically
+    to_stdout = json_path == "-"
+    log = (lambda m: click.echo(m, err=True)) if to_stdout else click.echo
+    ctx = click.get_current_context()
     try:
-        results, failures = explain_files(model, list(inputs), outdir, list(composites), target, batch_size,
-                                          size, normalize, cmap, overlay, zoom, log=click.echo,
-                                          warn=lambda m: click.echo(m, err=True), **options)
+        labels = read_labels_file(labels_file) if labels_file else None
+        for key in ("low", "high"):  # None: the ZBox bounds follow --normalize
+            if ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:
+                options[key] = None
+        results, failures = explain_files(model, list(inputs), outdir, list(composites), list(targets) or None,
+                                          batch_size, size, normalize, cmap, overlay, zoom, log=log,
+                                          warn=lambda m: click.echo(m, err=True), labels=labels, resize=resize,
+                                          scale=scale, colorbar=colorbar, explain_output=explain_output, **options)
+        if json_path is not None:
+            text = json.dumps([r.record() for r in results], indent=2)
+            if to_stdout:
+                click.echo(text)
+            else:
+                write_file_atomically(Path(json_path), lambda handle: handle.write((text + "\n").encode()))
     except (OnnxlrpError, ValueError) as exc:
         _fail(str(exc))
     for _, message in failures:

@@ -62,15 +62,25 @@ def validate_options(options: dict) -> dict:
     if unknown:
         raise OnnxlrpError(f"unknown rule option(s): {', '.join(sorted(unknown))}")
     merged = {**DEFAULT_OPTIONS, **{k: v for k, v in options.items() if v is not None}}
-    for key in ("epsilon", "stabilizer", "gamma", "alpha", "beta", "low", "high"):
+    for key in ("epsilon", "stabilizer", "gamma", "alpha", "beta"):
         merged[key] = _finite(key, merged[key])
-        if merged[key] < 0 and key not in ("low", "high"):
+        if merged[key] < 0:
             raise OnnxlrpError(f"bad rule parameter: {key} must be >= 0, got {merged[key]:g}")
+    for key in ("low", "high"):  # ZBox bounds: one value, or one per channel (a list)
+        values = [_finite(key, v) for v in (merged[key] if isinstance(merged[key], (list, tuple)) else [merged[key]])]
+        if not values:
+            raise OnnxlrpError(f"bad rule parameter: {key} needs at least one value")
+        merged[key] = values[0] if len(values) == 1 else values
     if abs(merged["alpha"] - merged["beta"] - 1.0) > 1e-9:
         raise OnnxlrpError(
             f"bad rule parameter: alpha - beta must equal 1, got alpha={merged['alpha']:g}, beta={merged['beta']:g}")
-    if merged["low"] > merged["high"]:
-        raise OnnxlrpError(f"bad rule parameter: low ({merged['low']:g}) must not exceed high ({merged['high']:g})")
+    low, high = (v if isinstance(v, list) else [v] for v in (merged["low"], merged["high"]))
+    if len(low) != len(high) and 1 not in (len(low), len(high)):
+        raise OnnxlrpError(f"bad rule parameter: low has {len(low)} values and high {len(high)}; give one or one "
+                           f"per channel each")
+    if any(lo > hi for lo, hi in zip(low * (len(high) if len(low) == 1 else 1),
+                                      high * (len(low) if len(high) == 1 else 1))):
+        raise OnnxlrpError(f"bad rule parameter: low ({merged['low']}) must not exceed high ({merged['high']})")
     if merged["lrn_rule"] not in LRN_RULES:
         raise OnnxlrpError(f"bad rule parameter: lrn_rule must be one of {', '.join(LRN_RULES)}, "
                            f"got {merged['lrn_rule']!r}")

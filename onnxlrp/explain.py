@@ -9,14 +9,17 @@ import numpy as np
 
 from .cache import compile_cached
 from .errors import OnnxlrpError
-from .inputs import expand_inputs, input_spec, load_input, parse_normalize
-from .render import colormap, render_heatmap
+from .load import require_regular_file
+from .outputs import OutputFolder, output_stems
+from .inputs import RESIZE_MODES, expand_inputs, input_spec, load_input, parse_normalize, zbox_bounds
+from .labels import class_name, model_labels
+from .render import colormap, relevance_map, render_heatmap, shared_scale
 from .runtime import Explainer
 
 
 @dataclass
 class ExplainResult:
-    """What happened to one input under one composite."""
+    """What happened to one input under one composite and one target (one record of ``--json``)."""
 
     file: Path
     composite: str
@@ -25,88 +28,166 @@ class ExplainResult:
     explained: int = -1
     relevance_sum: float = float("nan")
     outputs: list[Path] = field(default_factory=list)
+    predicted_label: str | None = None
+    explained_label: str | None = None
+    explained_score: float = float("nan")
 
     def line(self, many_composites: bool) -> str:
+        """``cat.jpg: predicted 281 tabby (12.3), explained 281 tabby, sum 11.9``."""
         tag = f" [{self.composite}]" if many_composites else ""
-        return (f"{self.file}{tag}: predicted {self.predicted} (score {self.score:.4g}), explained {self.explained}, "
-                f"sum of relevance {self.relevance_sum:.4g}")
+        predicted = _named(self.predicted, self.predicted_label)
+        return (f"{self.file}{tag}: predicted {predicted} ({self.score:.4g}), explained "
+                f"{_named(self.explained, self.explained_label)}, sum {self.relevance_sum:.4g}")
+
+    def record(self) -> dict:
+        """The JSON record: input, composite, predicted/explained class, names and scores, relevance sum,
+        output files."""
+        files = {p.suffix[1:]: str(p) for p in self.outputs}
+        return {"input": str(self.file), "composite": self.composite,
+                "predicted": self.predicted, "predicted_label": self.predicted_label,
+                "predicted_score": self.score, "explained": self.explained, "explained_label": self.explained_label,
+                "explained_score": self.explained_score, "relevance_sum": self.relevance_sum,
+                "heatmap": files.get("png"), "relevance": files.get("npy")}
 
 
-def explain_files(model: Path, inputs: list[Path], outdir: Path, composites: list[str], target: int | None = None,
-                  batch_size: int = 16, size: tuple[int, int] | None = None, normalize: str = "unit",
-                  cmap: str = "bwr", overlay: bool = False, zoom: int = 1, progress: bool = True,
-                  log=print, warn=None, **options) -> tuple[list[ExplainResult], list[tuple[Path, str]]]:
-    """Explain every input with every composite; returns (results, failures as (file, message))."""
+def _named(index: int, label: str | None) -> str:
+    return f"{index} {label}" if label else str(index)
+
+
+def explain_files(model: Path, inputs: list[Path], outdir: Path, composites: list[str],
+                  target: int | list[int] | None = None, batch_size: int = 16, size: tuple[int, int] | None = None,
+                  normalize: str = "unit", cmap: str = "bwr", overlay: bool = False, zoom: int = 1,
+                  progress: bool = True, log=print, warn=None, *, labels: list[str] | None = None,
+                  resize: str = "crop", scale: str = "each", colorbar: bool = False,
+                  explain_output: str | None = None,
+                  **options) -> tuple[list[ExplainResult], list[tuple[Path, str]]]:
+    """Explain every input with every composite, for every target (None: the top class; an int or a list of
+    ints: those classes, one heatmap each); returns (results, failures as (file, message)).
+
+    labels: class names (default: the model's metadata, see labels.LABEL_KEYS). resize: crop | squash | pad.
+    scale: ``each`` (every heatmap on its own colour scale) or ``shared`` (one scale over all heatmaps of a
+    composite, so they can be compared). The ZBox bounds (options low/high) may be one value or one per channel.
+    """
     warn = warn or (lambda message: print(message, file=sys.stderr))
+    require_regular_file(Path(model))
+    targets = [None] if target is None else ([target] if isinstance(target, int) else list(target))
+    if not targets:
+        targets = [None]
     if batch_size < 1:
         raise OnnxlrpError(f"--batch-size must be at least 1, got {batch_size}")
+    if zoom < 1:
+        raise OnnxlrpError(f"--zoom must be a positive integer, got {zoom}")
+    if size is not None and min(size) < 1:
+        raise OnnxlrpError(f"--size must be two positive integers, got {size[0]} {size[1]}")
+    if scale not in ("each", "shared"):
+        raise OnnxlrpError(f"--scale must be each or shared, got {scale!r}")
+    if resize not in RESIZE_MODES:
+        raise OnnxlrpError(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
     colormap(cmap)  # fail early on an unknown colormap or normalisation
     parse_normalize(normalize)
-    _prepare_outdir(outdir)
     files = expand_inputs(inputs)
     if not files:
         raise OnnxlrpError("no input files (give images, .npy arrays, or folders of them)")
-    results, failures = [], []
-    for composite in composites:
+    if explain_output is not None:
+        options["explain_output"] = explain_output
+    if options.get("low") is None or options.get("high") is None:  # the ZBox bounds follow --normalize
+        low, high = zbox_bounds(normalize, _channels(model, size))
+        options["low"] = low if options.get("low") is None else options["low"]
+        options["high"] = high if options.get("high") is None else options["high"]
+    prepared = []
+    for composite in composites:  # compile and check everything before the first file is written
         compiled, hit = compile_cached(model, composite, **options)
         warn(f"onnxlrp: {'using cached' if hit else 'compiled'} {model} ({composite})")
         explainer = Explainer.from_compiled(compiled)
-        spec = input_spec(compiled, size)
         classes = explainer.classes
-        if target is not None and classes is not None and not -1 <= target < classes:
-            raise OnnxlrpError(f"target {target} out of range: the model has {classes} classes (0..{classes - 1})")
+        for t in targets:
+            if t is not None and classes is not None and not -1 <= t < classes:
+                raise OnnxlrpError(f"target {t} out of range: the model has {classes} classes (0..{classes - 1})")
+        prepared.append((composite, compiled, explainer))
+    spec = input_spec(prepared[0][1], size)
+    _check_bounds(options, spec)
+    names = labels if labels is not None else model_labels(prepared[0][1])
+    out = OutputFolder(outdir, files).open()  # refuses a folder inputs are read from; see outputs.py
+    stems = output_stems(files)
+    try:
+        failures: list[tuple[Path, str]] = []
         loaded = []
         for path in files:
             try:
-                loaded.append((path, *load_input(path, spec, normalize)))
+                loaded.append((path, *load_input(path, spec, normalize, resize)))
             except OnnxlrpError as exc:
                 failures.append((path, str(exc)))
-        batches = [loaded[i:i + batch_size] for i in range(0, len(loaded), batch_size)]
-        bar = _progress(len(loaded), progress and len(files) > 1, composite)
-        for batch in batches:
-            x = np.stack([array for _, array, _ in batch])
-            outputs, relevance = explainer.explain({spec.name: x}, target=target)
-            if isinstance(relevance, dict):
-                relevance = relevance[spec.name]
-            scores = outputs[explainer.explained_output].reshape(len(batch), -1)
-            for k, (path, array, display) in enumerate(batch):
-                result = _write_one(path, composite, len(composites) > 1, relevance[k], scores[k], target,
-                                    outdir, cmap, display if overlay else None, overlay, array, spec.channels_last,
-                                    zoom)
-                results.append(result)
-                log(result.line(len(composites) > 1))
-            bar.update(len(batch))
-        bar.close()
+        many = len(composites) > 1
+        results: list[ExplainResult] = []
+        for composite, compiled, explainer in prepared:
+            bar = _progress(len(loaded) * len(targets), progress and len(files) > 1, composite)
+            pending = []  # (result, relevance map, background) waiting for the shared colour scale
+            for first in range(0, len(loaded), batch_size):
+                batch = loaded[first:first + batch_size]
+                x = np.stack([array for _, array, _ in batch])
+                runs = []
+                for t in targets:
+                    outputs, relevance = explainer.explain({spec.name: x}, target=t)
+                    if isinstance(relevance, dict):
+                        relevance = relevance[spec.name]
+                    runs.append((t, outputs[explainer.explained_output].reshape(len(batch), -1), relevance))
+                for k, (path, array, display) in enumerate(batch):  # records per input, its targets together
+                    for t, scores, relevance in runs:
+                        stem = stems[path] + (f".{composite}" if many else "") + (f".{t}" if len(targets) > 1 else "")
+                        result = _result(path, composite, scores[k], t, relevance[k], names)
+                        npy = out.claim(f"{stem}.npy")
+                        out.save_npy(npy, relevance[k])
+                        result.outputs = [npy]
+                        if relevance[k].ndim in (2, 3):
+                            background = (display if display is not None else array) if overlay else None
+                            heat = relevance_map(relevance[k], spec.channels_last)
+                            png = out.claim(f"{stem}.png")
+                            result.outputs.insert(0, png)
+                            if scale == "shared":
+                                pending.append((result, heat, background))
+                            else:
+                                out.save_png(png, render_heatmap(heat, cmap, background, zoom=zoom,
+                                                                 colorbar=colorbar))
+                        results.append(result)
+                        log(result.line(many))
+                bar.update(len(batch) * len(targets))
+            common = shared_scale(heat for _, heat, _ in pending)
+            for result, heat, background in pending:
+                out.save_png(result.outputs[0], render_heatmap(heat, cmap, background, zoom=zoom, scale=common,
+                                                               colorbar=colorbar))
+            bar.close()
+    except BaseException:
+        out.close(failed=True)  # no partial output, no empty folder left behind
+        raise
+    out.close()  # removes the folder it created when nothing was written (every input failed)
     return results, failures
 
 
-def _prepare_outdir(outdir: Path) -> None:
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        probe = outdir / ".onnxlrp-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OnnxlrpError(f"{outdir}: output folder is not writable ({exc.strerror or exc})") from None
-
-
-def _write_one(path: Path, composite: str, many: bool, relevance: np.ndarray, scores: np.ndarray,
-               target: int | None, outdir: Path, cmap: str, display, overlay: bool, array: np.ndarray,
-               channels_last: bool, zoom: int) -> ExplainResult:
-    stem = f"{path.stem}.{composite}" if many else path.stem
+def _result(path: Path, composite: str, scores: np.ndarray, target: int | None, relevance: np.ndarray,
+            labels: list[str] | None) -> ExplainResult:
     predicted = int(scores.argmax())
     explained = predicted if target is None or target < 0 else int(target)
-    result = ExplainResult(path, composite, predicted, float(scores[predicted]), explained,
-                           float(relevance.sum()))
-    npy, png = outdir / f"{stem}.npy", outdir / f"{stem}.png"
-    np.save(npy, relevance)
-    background = display if display is not None else (array if overlay else None)
-    if relevance.ndim in (2, 3):
-        render_heatmap(relevance, cmap, background, zoom=zoom, channels_last=channels_last).save(png)
-        result.outputs = [png, npy]
-    else:
-        result.outputs = [npy]
-    return result
+    return ExplainResult(path, composite, predicted, float(scores[predicted]), explained, float(relevance.sum()),
+                         predicted_label=class_name(labels, predicted), explained_label=class_name(labels, explained),
+                         explained_score=float(scores[explained]))
+
+
+def _channels(model: Path, size) -> int | None:
+    """The channel count of the model's image input (None when unreadable here: compiling reports why)."""
+    import onnx
+    try:
+        return input_spec(onnx.load(str(model), load_external_data=False), size).channels
+    except Exception:
+        return None
+
+
+def _check_bounds(options: dict, spec) -> None:
+    """Per-channel ZBox bounds must have one value per input channel."""
+    for key in ("low", "high"):
+        value = options.get(key)
+        if isinstance(value, (list, tuple)) and len(value) != 1 and len(value) != spec.channels:
+            raise OnnxlrpError(f"--{key}: {len(value)} values given, but the model input {spec.name!r} has "
+                               f"{spec.channels} channels (give one value or one per channel)")
 
 
 class _NoBar:

@@ -80,7 +80,51 @@ def parse_normalize(text: str) -> tuple[str, tuple[list[float], list[float]] | N
     return "custom", ([mean], [std])
 
 
-def load_input(path: Path, spec: InputSpec, normalize: str) -> tuple[np.ndarray, np.ndarray | None]:
+RESIZE_MODES = ("crop", "squash", "pad")
+
+
+def zbox_bounds(normalize: str, channels: int | None = None) -> tuple[float | list[float], float | list[float]]:
+    """The lowest and highest model input values that images scaled by ``normalize`` can take, as ZBox wants
+    them: unit (0, 1); none (0, 255); imagenet or MEAN,STD one value per channel, (0 - mean) / std and
+    (1 - mean) / std (a grey model: the channel means' average, as load_input uses)."""
+    mode, stats = parse_normalize(normalize)
+    if mode == "none":
+        return 0.0, 255.0
+    if stats is None:
+        return 0.0, 1.0
+    mean, std = (np.array(s, dtype=np.float64) for s in stats)
+    if channels == 1 and mean.size > 1:
+        mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
+    low, high = ((bound - mean) / std for bound in (0.0, 1.0))
+    if low.size == 1:
+        return float(low[0]), float(high[0])
+    return [float(v) for v in low], [float(v) for v in high]
+
+
+def fit_image(image: Image.Image, width: int, height: int, mode: str = "crop") -> Image.Image:
+    """Bring an image to width x height: ``crop`` scales the shorter side to fit and centre-crops (torchvision's
+    Resize + CenterCrop, timm's default), ``squash`` resizes both sides (aspect ratio lost), ``pad`` scales the
+    longer side to fit and pads with black, centred (letterbox)."""
+    if mode not in RESIZE_MODES:
+        raise OnnxlrpError(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+    if image.size == (width, height):
+        return image
+    if mode == "squash":
+        return image.resize((width, height), Image.BILINEAR)
+    w, h = image.size
+    scale = max(width / w, height / h) if mode == "crop" else min(width / w, height / h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    scaled = image.resize(new, Image.BILINEAR)
+    if mode == "crop":
+        left, top = (new[0] - width) // 2, (new[1] - height) // 2
+        return scaled.crop((left, top, left + width, top + height))
+    canvas = Image.new(image.mode, (width, height))
+    canvas.paste(scaled, ((width - new[0]) // 2, (height - new[1]) // 2))
+    return canvas
+
+
+def load_input(path: Path, spec: InputSpec, normalize: str,
+               resize: str = "crop") -> tuple[np.ndarray, np.ndarray | None]:
     """(model-ready array without batch axis, display image in [0, 1] or None); OnnxlrpError on failure."""
     expected = [d for d in spec.shape[1:]]
     if path.suffix.lower() == ".npy":
@@ -108,8 +152,7 @@ def load_input(path: Path, spec: InputSpec, normalize: str) -> tuple[np.ndarray,
     try:
         with Image.open(path) as image:
             image = image.convert("L" if channels == 1 else "RGB")
-            if image.size != (width, height):
-                image = image.resize((width, height), Image.BILINEAR)
+            image = fit_image(image, width, height, resize)
             pixels = np.asarray(image, dtype=np.float32)
     except FileNotFoundError:
         raise OnnxlrpError(f"{path}: file not found") from None
@@ -126,3 +169,30 @@ def load_input(path: Path, spec: InputSpec, normalize: str) -> tuple[np.ndarray,
         values = (values - mean) / std
     array = values if spec.channels_last else values.transpose(2, 0, 1)
     return array.astype(spec.dtype), display
+
+
+def load_inputs(paths, model, size: tuple[int, int] | None = None, normalize: str = "unit",
+                resize: str = "crop") -> tuple[np.ndarray, list[Path]]:
+    """Load images (PNG/JPEG/...), folders of them, or .npy arrays as one batch for ``model``, exactly as
+    ``onnxlrp explain`` does.
+
+    paths: a path or a list of paths (folders are expanded to their images and .npy files, sorted).
+    model: the ONNX model (path or ModelProto, original or compiled) whose first input the batch is for.
+    size: (height, width) when the model's are dynamic. normalize: ``unit`` ([0, 1]), ``imagenet``, ``none``
+    (0..255) or ``"MEAN,STD"``. resize: ``crop`` (shorter side + centre crop), ``squash`` or ``pad``.
+    Returns (batch as a numpy array shaped and typed like the model input, e.g. float32 [N, C, H, W];
+    the list of files in batch order). Raises OnnxlrpError on the first file that cannot be used.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files = expand_inputs([Path(p) for p in paths])
+    if not files:
+        raise OnnxlrpError("no input files (give images, .npy arrays, or folders of them)")
+    try:
+        proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    except Exception as exc:
+        raise OnnxlrpError(f"{model}: cannot read the model ({str(exc).strip().splitlines()[0]})") from None
+    spec = input_spec(proto, size)
+    parse_normalize(normalize)
+    arrays = [load_input(path, spec, normalize, resize)[0] for path in files]
+    return np.stack(arrays), files

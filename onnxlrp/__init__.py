@@ -5,7 +5,9 @@ __version__ = "0.1.0"
 
 from .compile import compile_model  # noqa: E402
 from .errors import OnnxlrpError, UnsupportedError  # noqa: E402
+from .inputs import load_inputs  # noqa: E402
 from .render import render_heatmap  # noqa: E402
 from .runtime import Explainer  # noqa: E402
 
-__all__ = ["Explainer", "OnnxlrpError", "UnsupportedError", "compile_model", "render_heatmap", "__version__"]
+__all__ = ["Explainer", "OnnxlrpError", "UnsupportedError", "compile_model", "load_inputs", "render_heatmap",
+           "__version__"]

@@ -413,6 +413,8 @@ def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], cho
     opset = default_opset(source)
     functions = []
     for function in library().closure(sorted(builder.functions)):
+        if function.name == "safe_div" and not zero_denominators_possible(params):
+            function = _renamed(library().function("nonzero_div"), "safe_div")
         function = _copy_with_opset(function, opset)
         functions.append(function)
     model = helper.make_model(graph, functions=functions, opset_imports=[
@@ -434,6 +436,23 @@ def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], cho
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
     return model
+
+
+#: Below this, a stabilizer vanishes in float16 (smallest subnormal 6e-8), so stab(0) could be 0.
+MIN_NONZERO_STABILIZER = 1e-7
+
+
+def zero_denominators_possible(params: dict) -> bool:
+    """Whether a rule's denominator stab(z) can be 0 (LRP-0, a zero stabilizer): then the rules divide with
+    safe_div's guard (0 where the denominator is 0); otherwise stab(z) != 0 and a plain Div suffices."""
+    return min(params["epsilon"], params["stabilizer"]) < MIN_NONZERO_STABILIZER
+
+
+def _renamed(function: onnx.FunctionProto, name: str) -> onnx.FunctionProto:
+    copy = onnx.FunctionProto()
+    copy.CopyFrom(function)
+    copy.name = name
+    return copy
 
 
 def _copy_with_opset(function: onnx.FunctionProto, opset: int) -> onnx.FunctionProto:

@@ -132,22 +132,26 @@ def zennit_rule(rule: str, x, r, dense, w, b, gamma=0.25, alpha=2.0, beta=1.0, l
     """Zennit's rule definitions on one sample with dense matrices: dense(W) -> matrix, z = dense(W) x + b."""
     def stab(z):
         return z + eps * np.where(z >= 0, 1.0, -1.0)
+
+    def divide(r, z):  # r / stab(z); 0 where stab(z) = 0 (a dead unit with a zero epsilon/stabilizer)
+        d = stab(z)
+        return np.divide(r, d, out=np.zeros(np.broadcast(r, d).shape), where=d != 0)
     pos, neg = (lambda a: np.clip(a, 0, None)), (lambda a: np.clip(a, None, 0))
     xf, rf = x.reshape(-1), r.reshape(-1)
     A = dense(w)
     if rule == "epsilon":
         z = A @ xf + b
-        out = xf * (A.T @ (rf / stab(z)))
+        out = xf * (A.T @ (divide(rf, z)))
     elif rule == "zplus":
         Ap, An = dense(pos(w)), dense(neg(w))
         z = Ap @ pos(xf) + pos(b) + An @ neg(xf)
-        s = rf / stab(z)
+        s = divide(rf, z)
         out = pos(xf) * (Ap.T @ s) + neg(xf) * (An.T @ s)
     elif rule == "alpha_beta":
         Ap, An = dense(pos(w)), dense(neg(w))
         zp = Ap @ pos(xf) + pos(b) + An @ neg(xf)
         zn = An @ pos(xf) + neg(b) + Ap @ neg(xf)
-        sp, sn = rf / stab(zp), rf / stab(zn)
+        sp, sn = divide(rf, zp), divide(rf, zn)
         out = alpha * (pos(xf) * (Ap.T @ sp) + neg(xf) * (An.T @ sp)) \
             - beta * (pos(xf) * (An.T @ sn) + neg(xf) * (Ap.T @ sn))
     elif rule == "gamma":
@@ -155,24 +159,41 @@ def zennit_rule(rule: str, x, r, dense, w, b, gamma=0.25, alpha=2.0, beta=1.0, l
         z = A @ xf + b
         zp = Agp @ pos(xf) + (b + gamma * pos(b)) + Agn @ neg(xf)
         zn = Agn @ pos(xf) + (b + gamma * neg(b)) + Agp @ neg(xf)
-        sp, sn = rf * (z > 0) / stab(zp), rf * (z < 0) / stab(zn)
+        sp, sn = divide(rf * (z > 0), zp), divide(rf * (z < 0), zn)
         out = pos(xf) * (Agp.T @ sp) + neg(xf) * (Agn.T @ sp) + pos(xf) * (Agn.T @ sn) + neg(xf) * (Agp.T @ sn)
     elif rule == "zbox":
         Ap, An = dense(pos(w)), dense(neg(w))
         lo, hi = np.full_like(xf, low), np.full_like(xf, high)
         z = (A @ xf + b) - (Ap @ lo + pos(b)) - (An @ hi + neg(b))
-        s = rf / stab(z)
+        s = divide(rf, z)
         out = xf * (A.T @ s) - lo * (Ap.T @ s) - hi * (An.T @ s)
     elif rule == "flat":
         A1 = dense(np.ones_like(w))
         z = A1 @ np.ones_like(xf)
-        out = A1.T @ (rf / stab(z))
+        out = A1.T @ (divide(rf, z))
     elif rule == "wsquare":
         A2 = dense(w * w)
         z = A2 @ np.ones_like(xf) + b * b
-        out = A2.T @ (rf / stab(z))
+        out = A2.T @ (divide(rf, z))
     elif rule == "gradient":
         out = A.T @ rf
     else:
         raise ValueError(rule)
     return out.reshape(x.shape)
+
+
+def lrn_taylor_numpy(x, r, size, alpha, beta, bias, eps=1e-6):
+    n, c = x.shape[:2]
+    a = alpha / size
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+    out = np.zeros_like(x, dtype=np.float64)
+    for k in range(c):
+        window = range(max(0, k - lo), min(c - 1, k + hi) + 1)
+        s = bias + a * sum(x[:, j] ** 2 for j in window)
+        z = {j: (x[:, k] * (bias + a * x[:, k] ** 2) ** -beta if j == k
+                 else -2 * a * beta * x[:, k] * x[:, j] ** 2 * s ** (-beta - 1)) for j in window}
+        total = sum(z.values())
+        total = total + eps * np.where(total >= 0, 1, -1)
+        for j in window:  # 0 where the total is 0 (x_k = 0 with a zero stabilizer)
+            out[:, j] += np.divide(z[j] * r[:, k], total, out=np.zeros_like(total), where=total != 0)
+    return out

@@ -17,25 +17,8 @@ import torch.nn as nn
 from onnx import helper
 
 import onnxlrp
-from helpers import forward, template_relevance
+from helpers import forward, lrn_taylor_numpy, template_relevance
 from torch_models import EXPORTERS, export
-
-
-def lrn_taylor_numpy(x, r, size, alpha, beta, bias, eps=1e-6):
-    n, c = x.shape[:2]
-    a = alpha / size
-    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
-    out = np.zeros_like(x, dtype=np.float64)
-    for k in range(c):
-        window = range(max(0, k - lo), min(c - 1, k + hi) + 1)
-        s = bias + a * sum(x[:, j] ** 2 for j in window)
-        z = {j: (x[:, k] * (bias + a * x[:, k] ** 2) ** -beta if j == k
-                 else -2 * a * beta * x[:, k] * x[:, j] ** 2 * s ** (-beta - 1)) for j in window}
-        total = sum(z.values())
-        total = total + eps * np.where(total >= 0, 1, -1)
-        for j in window:
-            out[:, j] += z[j] / total * r[:, k]
-    return out
 
 
 @pytest.mark.parametrize("size,alpha,beta,bias", [(5, 1e-2, 0.75, 1.0), (3, 0.5, 0.75, 2.0), (7, 1.0, 0.5, 1.0)])

@@ -1,0 +1,298 @@
+"""Bad and awkward inputs to the rules and graphs (issue 11): rule parameters, dead units under LRP-0, subgraphs,
+targets, name clashes, unsupported nodes, cancelling branches. Each case checks the one-line message, the exit
+code, that nothing was written and the inputs are unchanged, or, for valid input, finite and correct numbers."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxlrp
+from helpers import conv_numpy, dense_matrix, forward, lrn_taylor_numpy, template_relevance, zennit_rule
+from onnxlrp.cli import main
+from onnxlrp.errors import OnnxlrpError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+def run_cli(*args) -> CliResult:
+    """The `onnxlrp` command, in process (click's runner; an escaped exception becomes a traceback on stderr)."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "Traceback: " + repr(result.exception)
+    return CliResult(result.exit_code, result.stdout, stderr)
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """Content hash of every file under folder (to prove that a failed run changed nothing)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_refused(result: CliResult, *fragments: str) -> None:
+    """One line on stderr, `onnxlrp: error: ...` containing every fragment, exit code 2, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("onnxlrp: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def mlp(dead_hidden: bool = True, hidden: int = 6, classes: int = 4, seed: int = 0, names=None) -> onnx.ModelProto:
+    """x [N, 5] -> Gemm -> Relu -> Gemm -> logits; hidden unit 0 is dead (zero weights and bias) if asked."""
+    names = {"x": "x", "logits": "logits", **(names or {})}
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((hidden, 5)).astype(np.float32)
+    b1 = rng.standard_normal(hidden).astype(np.float32)
+    if dead_hidden:
+        w1[0], b1[0] = 0, 0
+    w2 = rng.standard_normal((classes, hidden)).astype(np.float32)
+    b2 = np.zeros(classes, np.float32)
+    nodes = [helper.make_node("Gemm", [names["x"], "w1", "b1"], ["z1"], transB=1, name="fc1"),
+             helper.make_node("Relu", ["z1"], ["h"], name="relu"),
+             helper.make_node("Gemm", ["h", "w2", "b2"], [names["logits"]], transB=1, name="fc2")]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info(names["x"], TensorProto.FLOAT, ["N", 5])],
+        [helper.make_tensor_value_info(names["logits"], TensorProto.FLOAT, ["N", classes])],
+        [numpy_helper.from_array(v, k) for k, v in {"w1": w1, "b1": b1, "w2": w2, "b2": b2}.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def run_compiled(compiled: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def safe_div(a: np.ndarray, d: np.ndarray) -> np.ndarray:
+    return np.divide(a, d, out=np.zeros(np.broadcast(a, d).shape), where=d != 0)
+
+
+# --- rule parameters ---------------------------------------------------------------------------------------------
+
+BAD_PARAMETERS = [
+    (["--epsilon", "nan"], "epsilon must be a finite number"),
+    (["--epsilon", "-1"], "epsilon must be >= 0"),
+    (["--epsilon", "1e39"], "beyond float32"),
+    (["--stabilizer", "inf"], "stabilizer must be a finite number"),
+    (["--gamma", "nan"], "gamma must be a finite number"),
+    (["--gamma", "-0.5"], "gamma must be >= 0"),
+    (["--alpha", "nan"], "alpha must be a finite number"),
+    (["--beta", "nan"], "beta must be a finite number"),
+    (["--alpha", "3", "--beta", "1"], "alpha - beta must equal 1"),
+    (["--low", "nan"], "low must be a finite number"),
+    (["--high", "-inf"], "high must be a finite number"),
+    (["--low", "2", "--high", "1"], "must not exceed high"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_PARAMETERS, ids=[" ".join(a) for a, _ in BAD_PARAMETERS])
+def test_bad_rule_parameters_are_refused(tmp_path, args, message):
+    model = tmp_path / "m.onnx"
+    onnx.save(mlp(), model)
+    before = digests(tmp_path)
+    result = run_cli("compile", model, "-o", tmp_path / "out.onnx", *args)
+    assert_refused(result, str(model), message)
+    assert digests(tmp_path) == before  # nothing written, the model untouched
+
+
+@pytest.mark.parametrize("key,value", [("epsilon", float("nan")), ("stabilizer", float("-inf")),
+                                       ("gamma", float("inf")), ("low", float("nan")), ("high", "one")])
+def test_bad_rule_parameters_are_refused_by_the_python_api(key, value):
+    with pytest.raises(OnnxlrpError, match=key):
+        onnxlrp.compile_model(mlp(), "epsilon_gamma_box", **{key: value})
+
+
+@pytest.mark.parametrize("text", ["nan,1", "0.5,inf", "-inf,0.2", "0.5,nan"])
+def test_bad_normalize_is_refused(text):
+    from onnxlrp.inputs import parse_normalize
+    with pytest.raises(OnnxlrpError, match="finite"):
+        parse_normalize(text)
+
+
+def test_bad_normalize_is_refused_by_explain(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(mlp(), model)
+    np.save(tmp_path / "x.npy", np.ones(5, np.float32))
+    before = digests(tmp_path)
+    result = run_cli("explain", model, tmp_path / "x.npy", "-o", tmp_path / "out", "--normalize", "nan,1")
+    assert_refused(result, "--normalize")
+    assert digests(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+# --- dead units: z = 0 passes 0, never NaN -------------------------------------------------------------------------
+
+DIVIDING_RULES = ["epsilon", "zplus", "alpha_beta", "gamma", "zbox", "flat", "wsquare"]
+
+
+@pytest.mark.parametrize("rule", DIVIDING_RULES)
+def test_dense_rules_pass_zero_through_a_dead_unit(rule):
+    """Unit 0 has zero weights and bias, so z = 0 (and every modified z = 0); with epsilon = stabilizer = 0 its
+    message is 0, also where relevance arrives at it. Every other unit matches the numpy reference exactly."""
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    w = rng.standard_normal((4, 5)).astype(np.float32)
+    c = rng.standard_normal(4).astype(np.float32)
+    w[0], c[0] = 0, 0
+    node = helper.make_node("Gemm", ["x", "w", "c"], ["y"], transB=1)
+    (y,) = forward(node, x, {"w": w, "c": c})
+    assert not y[:, 0].any()
+    r = rng.standard_normal(y.shape).astype(np.float32)  # relevance arrives at the dead unit too
+    got = template_relevance(node, x, r, rule, {"w": w, "c": c}, epsilon=0.0, stabilizer=0.0, low=-2.0, high=2.0)
+    assert np.isfinite(got).all()
+    for n in range(3):
+        expected = zennit_rule(rule, x[n].astype(np.float64), r[n], lambda v: v, w.astype(np.float64),
+                               c.astype(np.float64), low=-2.0, high=2.0, eps=0.0)
+        np.testing.assert_allclose(got[n], expected, rtol=2e-3, atol=2e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("rule", DIVIDING_RULES)
+def test_conv_rules_pass_zero_through_a_dead_channel(rule):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    w[1], b[1] = 0, 0
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])
+    (y,) = forward(node, x, {"w": w, "b": b})
+    r = rng.standard_normal(y.shape).astype(np.float32)
+    got = template_relevance(node, x, r, rule, {"w": w, "b": b}, epsilon=0.0, stabilizer=0.0, low=-2.0, high=2.0)
+    assert np.isfinite(got).all()
+    zero = np.zeros(3)
+    bias = np.broadcast_to(b.reshape(-1, 1, 1), y.shape[1:]).reshape(-1)
+    for n in range(2):
+        def dense(weights):
+            return dense_matrix(lambda e: conv_numpy(e, weights, zero, [1, 1], [1, 1, 1, 1], [1, 1], 1), x.shape[1:])
+        expected = zennit_rule(rule, x[n].astype(np.float64), r[n], dense, w.astype(np.float64), bias,
+                               low=-2.0, high=2.0, eps=0.0)
+        np.testing.assert_allclose(got[n], expected, rtol=2e-3, atol=2e-4 * np.abs(expected).max())
+
+
+def test_norm_on_add_passes_zero_where_the_sum_is_zero():
+    rng = np.random.default_rng(12)
+    a = rng.standard_normal((2, 6)).astype(np.float32)
+    b = rng.standard_normal((2, 6)).astype(np.float32)
+    a[:, :2], b[:, :2] = 0, 0  # both summands 0
+    b[:, 2] = -a[:, 2]          # summands cancel exactly
+    r = rng.standard_normal((2, 6)).astype(np.float32)
+    node = helper.make_node("Add", ["a", "b"], ["y"])
+    ra = template_relevance(node, a, r, "norm", x_index=0, extra_inputs={"b": b}, stabilizer=0.0)
+    y = (a + b).astype(np.float64)
+    np.testing.assert_allclose(ra, a * safe_div(r, y), rtol=1e-5, atol=1e-6)
+    assert not ra[:, :3].any()
+
+
+def test_pool_norms_pass_zero_where_the_mean_is_zero():
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    x[:, 1] = 0  # a dead channel
+    x[0, 0, :2, :2] = 0  # one dead 2x2 window
+    r = rng.standard_normal((2, 3, 2, 2)).astype(np.float32)
+    pool = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2])
+    got = template_relevance(pool, x, r, "norm", stabilizer=0.0)
+    y = x.reshape(2, 3, 2, 2, 2, 2).mean(axis=(3, 5))
+    s = safe_div(r, y.astype(np.float64)) / 4
+    expected = x * np.repeat(np.repeat(s, 2, axis=2), 2, axis=3)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    r1 = rng.standard_normal((2, 3, 1, 1)).astype(np.float32)
+    g = x.mean(axis=(2, 3), keepdims=True).astype(np.float64)
+    expected = x * safe_div(r1, g) / 16
+    got = template_relevance(helper.make_node("GlobalAveragePool", ["x"], ["y"]), x, r1, "norm", stabilizer=0.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    mean = helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)
+    got = template_relevance(mean, x, r1.reshape(2, 3), "norm", {"axes": np.array([2, 3])}, stabilizer=0.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_lrn_taylor_passes_zero_where_the_input_is_zero():
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((2, 5, 2, 3)).astype(np.float32)
+    x[:, 2] = 0
+    node = helper.make_node("LRN", ["x"], ["y"], size=3, alpha=0.5, beta=0.75, bias=1.0)
+    (y,) = forward(node, x)
+    r = rng.standard_normal(y.shape).astype(np.float32)
+    got = template_relevance(node, x, r, "taylor", stabilizer=0.0)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, lrn_taylor_numpy(x.astype(np.float64), r, 3, 0.5, 0.75, 1.0, eps=0.0),
+                               rtol=1e-3, atol=1e-5)
+
+
+def lrp0_numpy(model: onnx.ModelProto, x: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """LRP-0 on the mlp() graph in float64, with 0 where z = 0."""
+    w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    z1 = x @ w["w1"].T + w["b1"]
+    h = np.maximum(z1, 0)
+    z2 = h @ w["w2"].T + w["b2"]
+    r2 = z2 * np.eye(z2.shape[1])[target]
+    r1 = h * (safe_div(r2, z2) @ w["w2"])
+    return x * (safe_div(r1, z1) @ w["w1"])
+
+
+def test_lrp0_on_a_model_with_a_dead_unit_is_finite_and_matches_numpy():
+    model = mlp(dead_hidden=True)
+    x = np.random.default_rng(15).standard_normal((4, 5)).astype(np.float32)
+    target = np.array([0, 1, 2, 3], np.int64)
+    compiled = onnxlrp.compile_model(model, "epsilon", epsilon=0.0)
+    relevance = run_compiled(compiled, {"x": x, "target": target})["x_relevance"]
+    assert np.isfinite(relevance).all()
+    np.testing.assert_allclose(relevance, lrp0_numpy(model, x.astype(np.float64), target), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_alpha2_beta1", "epsilon_gamma_box",
+                                       "epsilon_plus_flat", "epsilon_alpha2_beta1_flat"])
+def test_every_composite_stays_finite_with_zero_stabilizers_on_dead_channels(composite):
+    """A CNN whose second conv has a dead output channel (and whose input has a blank region), compiled with
+    epsilon = stabilizer = 0: relevance is finite in every composite, including the *_nonneg variants."""
+    rng = np.random.default_rng(16)
+    w1 = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((3, 4, 3, 3)).astype(np.float32)
+    b2 = rng.standard_normal(3).astype(np.float32)
+    w2[0], b2[0] = 0, 0
+    w3 = rng.standard_normal((5, 3 * 6 * 6)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Flatten", ["r2"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w3"], ["logits"], transB=1, name="fc")]
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 6, 6])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(v, k) for k, v in {"w1": w1, "w2": w2, "b2": b2,
+                                                                         "w3": w3}.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    x = rng.random((3, 1, 6, 6)).astype(np.float32)
+    x[:, :, :3] = 0
+    compiled = onnxlrp.compile_model(model, composite, epsilon=0.0, stabilizer=0.0)
+    templates = {r["template"] for r in json.loads(
+        {p.key: p.value for p in compiled.metadata_props}["onnxlrp.rules"])}
+    assert any(t and t.endswith("_nonneg") for t in templates) or "flat" in composite
+    out = run_compiled(compiled, {"x": x, "target": np.arange(3, dtype=np.int64)})
+    assert np.isfinite(out["x_relevance"]).all()
+    assert np.abs(out["x_relevance"]).sum() > 0
+
+
+def test_nonzero_stabilizers_keep_the_plain_division():
+    """With epsilon and stabilizer > 0, stab(z) is never 0: the compiled model divides without the guard."""
+    for params, guarded in [({}, False), ({"epsilon": 0.0}, True), ({"stabilizer": 0.0}, True)]:
+        compiled = onnxlrp.compile_model(mlp(), "epsilon", **params)
+        (function,) = [f for f in compiled.functions if f.name == "safe_div"]
+        assert any(n.op_type == "Where" for n in function.node) == guarded

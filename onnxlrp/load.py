@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import version_converter
+from onnx import external_data_helper, numpy_helper, version_converter
 
 from .errors import OnnxlrpError
 
@@ -22,26 +23,124 @@ def model_source(model: onnx.ModelProto | str | os.PathLike) -> str:
     return str(model)
 
 
-def read_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX file (external data included) or copy an in-memory model; raise OnnxlrpError if unreadable."""
-    if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
-    path = Path(model)
-    if not path.exists():
-        raise OnnxlrpError(f"{path}: file not found")
-    if path.is_dir():
-        raise OnnxlrpError(f"{path}: is a folder, not an ONNX file")
+def require_regular_file(path: Path, kind: str = "an ONNX file") -> None:
+    """Refuse what is not a regular file (a FIFO or device would block or never end) with a one-line error."""
     try:
-        proto = onnx.load(str(path))
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise OnnxlrpError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise OnnxlrpError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise OnnxlrpError(f"{path}: is a folder, not {kind}")
+    if not stat.S_ISREG(mode):
+        raise OnnxlrpError(f"{path}: not a regular file (a FIFO, socket or device), not {kind}")
+
+
+def read_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file (external data included) or copy an in-memory model; raise OnnxlrpError if unreadable,
+    if a tensor's data does not match its shape, or if the model was compiled by onnxlrp already."""
+    if isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        source = model_source(model)
+    else:
+        path = Path(model)
+        source = str(path)
+        proto = _parse(path)
+        _load_external_data(proto, path)
+    validate_tensors(proto, source)
+    refuse_compiled(proto, source)
+    return proto
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    """The model proto of ``path`` without its external data."""
+    require_regular_file(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, TypeError) as exc:
         raise OnnxlrpError(f"{path}: not an ONNX model (protobuf parse failed: {str(exc).splitlines()[0]})") from None
-    except (FileNotFoundError, OSError) as exc:
-        raise OnnxlrpError(f"{path}: cannot read the model or its external data ({exc})") from None
+    except OSError as exc:
+        raise OnnxlrpError(f"{path}: cannot read the model ({exc.strerror or exc})") from None
     if not proto.graph.node and not proto.graph.output:
         raise OnnxlrpError(f"{path}: not an ONNX model (no graph found)")
     return proto
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Read the external data of every tensor; onnx refuses files outside the model's folder, absolute paths,
+    symbolic links, non-regular files, and offsets or lengths beyond the file: one line naming the tensor."""
+    for tensor in all_tensors(proto):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        try:
+            external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
+        except (onnx.checker.ValidationError, ValueError, OSError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+            raise OnnxlrpError(f"{path}: external data of tensor {tensor.name!r} cannot be used: {why}") from None
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The files (beside ``path``) holding the external data of the model at ``path``; [] when unreadable."""
+    try:
+        proto = _parse(path)
+    except OnnxlrpError:
+        return []
+    locations = []
+    for tensor in all_tensors(proto):
+        for entry in tensor.external_data if external_data_helper.uses_external_data(tensor) else []:
+            if entry.key == "location" and entry.value not in locations:
+                locations.append(entry.value)
+    return [path.parent / location for location in locations]
+
+
+def model_files(path: Path) -> list[Path]:
+    """The model file and its external data files: what an output must never overwrite."""
+    return [Path(path), *external_data_files(Path(path))]
+
+
+def all_tensors(model: onnx.ModelProto):
+    """Every tensor of the model: initializers and tensor attributes, in subgraphs and functions too."""
+    def of_nodes(nodes):
+        for node in nodes:
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    yield attribute.t
+                yield from attribute.tensors
+                for graph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                    yield from of_graph(graph)
+
+    def of_graph(graph):
+        yield from graph.initializer
+        yield from of_nodes(graph.node)
+
+    yield from of_graph(model.graph)
+    for function in model.functions:
+        yield from of_nodes(function.node)
+
+
+def validate_tensors(model: onnx.ModelProto, source: str) -> None:
+    """Every tensor's data must match its dims and type (else a later reshape fails deep in a pass)."""
+    for tensor in all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            continue  # an in-memory model with external references: read where it is used
+        try:
+            numpy_helper.to_array(tensor)
+        except Exception as exc:  # ValueError (size), TypeError/KeyError (data type)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OnnxlrpError(f"{source}: tensor {tensor.name!r} of shape {list(tensor.dims)} does not hold "
+                               f"matching data ({first})") from None
+
+
+def refuse_compiled(model: onnx.ModelProto, source: str) -> None:
+    """A model compiled by onnxlrp already has relevance outputs and a `target` input: compiling it again would
+    explain the explanation. Refuse it by name."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "onnxlrp.version" in meta:
+        raise OnnxlrpError(f"{source}: is already an explaining model compiled by onnxlrp "
+                           f"{meta['onnxlrp.version']} (composite {meta.get('onnxlrp.composite', '?')}); "
+                           f"give the original model")
 
 
 def default_opset(model: onnx.ModelProto) -> int:

@@ -1,7 +1,9 @@
 """Stage 4: run a compiled model with ONNX Runtime, on CUDA when it is usable and on the CPU otherwise."""
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from functools import cache
 
 import numpy as np
@@ -18,12 +20,48 @@ def _ort():
     return onnxruntime
 
 
+@contextlib.contextmanager
+def _silenced():
+    """Send everything written to stdout and stderr meanwhile to /dev/null, at the file-descriptor level too:
+    onnxruntime's CUDA loader prints "Failed to load libcublas..." with Python's print (stdout) and its provider
+    bridge writes from C++; stdout must carry results only."""
+    streams = [s for s in (sys.stdout, sys.stderr) if s is not None]
+    for stream in streams:
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = []
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        devnull = None
+    try:
+        if devnull is not None:
+            for fd in (1, 2):
+                with contextlib.suppress(OSError):
+                    saved.append((fd, os.dup(fd)))
+                    os.dup2(devnull, fd)
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+        if devnull is not None:
+            os.close(devnull)
+
+
 @cache
 def cuda_usable() -> bool:
-    """Whether ORT can really run on CUDA here (drivers and libraries present), probed once without log noise."""
+    """Whether ORT can really run on CUDA here (drivers and libraries present), probed once without a word on
+    stdout or stderr."""
     ort = _ort()
     if CUDA not in ort.get_available_providers():
         return False
+    with _silenced():
+        return _probe_cuda(ort)
+
+
+def _probe_cuda(ort) -> bool:
     if hasattr(ort, "preload_dlls"):
         try:
             ort.preload_dlls(directory="")

@@ -3,14 +3,17 @@ shaped for the model; turned into the model's layout, size and normalisation."""
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import OnnxlrpError
+from .load import require_regular_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -55,13 +58,20 @@ def input_spec(model: onnx.ModelProto, size: tuple[int, int] | None = None) -> I
 
 
 def expand_inputs(paths: list[Path]) -> list[Path]:
-    """Files as given, folders replaced by their image and .npy files (sorted)."""
-    files = []
+    """Files as given, folders replaced by their image and .npy files (sorted; not recursive; subfolders skipped),
+    each file once. Special files (FIFOs, devices) stay in the list: load_input refuses them by name."""
+    files, seen = [], set()
     for path in paths:
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES | {".npy"})
+            found = sorted(p for p in path.iterdir()
+                           if p.suffix.lower() in IMAGE_SUFFIXES | {".npy"} and not p.is_dir())
         else:
-            files.append(path)
+            found = [path]
+        for file in found:
+            key = os.path.realpath(file)
+            if key not in seen:
+                seen.add(key)
+                files.append(file)
     return files
 
 
@@ -78,6 +88,27 @@ def parse_normalize(text: str) -> tuple[str, tuple[list[float], list[float]] | N
     if std <= 0:
         raise OnnxlrpError(f"--normalize: STD must be positive, got {std:g}")
     return "custom", ([mean], [std])
+
+
+def read_array(path: Path) -> np.ndarray:
+    """A numeric array from a .npy file (memory-mapped until it is known to fit): never unpickles; refuses .npz
+    archives, and structured, string, object and complex arrays, with one line each."""
+    try:
+        try:
+            loaded = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:
+            if "pickle" in str(exc) or "Object arrays" in str(exc):
+                raise
+            loaded = np.load(path, allow_pickle=False)  # e.g. an empty array cannot be mapped
+    except Exception as exc:  # ValueError (pickled, bad header), OSError, EOFError, SyntaxError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxlrpError(f"{path}: cannot read the array ({first})") from None
+    if not isinstance(loaded, np.ndarray):
+        loaded.close()
+        raise OnnxlrpError(f"{path}: is an .npz archive, not a .npy array; save one array with np.save")
+    if loaded.dtype.kind not in "biuf":
+        raise OnnxlrpError(f"{path}: array of dtype {loaded.dtype} is not numeric (give int, float or bool values)")
+    return loaded
 
 
 RESIZE_MODES = ("crop", "squash", "pad")
@@ -127,11 +158,9 @@ def load_input(path: Path, spec: InputSpec, normalize: str,
                resize: str = "crop") -> tuple[np.ndarray, np.ndarray | None]:
     """(model-ready array without batch axis, display image in [0, 1] or None); OnnxlrpError on failure."""
     expected = [d for d in spec.shape[1:]]
+    require_regular_file(path, "an image or .npy file")
     if path.suffix.lower() == ".npy":
-        try:
-            array = np.load(path)
-        except (OSError, ValueError) as exc:
-            raise OnnxlrpError(f"{path}: cannot read the array ({exc})") from None
+        array = read_array(path)
         if array.ndim == len(spec.shape):
             if array.shape[0] != 1:
                 raise OnnxlrpError(f"{path}: holds a batch of {array.shape[0]}; give one sample per file")
@@ -139,7 +168,10 @@ def load_input(path: Path, spec: InputSpec, normalize: str,
         if any(e is not None and e != a for e, a in zip(expected, array.shape)) or array.ndim != len(expected):
             raise OnnxlrpError(f"{path}: array of shape {list(array.shape)} does not fit the model input "
                                f"{spec.name!r} of shape {['N'] + [e if e is not None else '?' for e in expected]}")
-        return array.astype(spec.dtype), None
+        array = np.array(array, dtype=spec.dtype)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise OnnxlrpError(f"{path}: the array holds NaN or infinite values")
+        return array, None
     if len(spec.shape) != 4:
         raise OnnxlrpError(f"{path}: the model input {spec.name!r} has shape {spec.shape}, not an image")
     channels = spec.channels
@@ -150,14 +182,20 @@ def load_input(path: Path, spec: InputSpec, normalize: str,
     if height is None or width is None:
         raise OnnxlrpError(f"{path}: the model input {spec.name!r} has a dynamic size {spec.shape}; give --size H W")
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            image = fit_image(image, width, height, resize)
-            pixels = np.asarray(image, dtype=np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # above 2x the limit it raises
+            with Image.open(path) as image:
+                image = image.convert("L" if channels == 1 else "RGB")
+                image = fit_image(image, width, height, resize)
+                pixels = np.asarray(image, dtype=np.float32)
     except FileNotFoundError:
         raise OnnxlrpError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise OnnxlrpError(f"{path}: cannot decode the image ({str(exc).splitlines()[0]})") from None
+    except OnnxlrpError:
+        raise
+    except Exception as exc:  # decoders raise many types on damaged files (OSError, SyntaxError, struct.error,
+        #                       DecompressionBombError, ...): any of them means this file cannot be used
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxlrpError(f"{path}: cannot decode the image ({first})") from None
     pixels = pixels[..., None] if pixels.ndim == 2 else pixels  # H, W, C
     display = pixels / 255.0
     mode, stats = parse_normalize(normalize)

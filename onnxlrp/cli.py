@@ -9,7 +9,7 @@ import click
 from . import __version__
 from .composites import DEFAULT_OPTIONS, LRN_RULES, composite_names
 from .errors import OnnxlrpError
-from .save import write_model_atomically
+from .save import check_output, write_model_atomically
 
 
 def _fail(message: str) -> None:
@@ -87,12 +87,15 @@ def compile_command(model: Path, output: Path | None, composite: str, explain_ou
                     emit_layers: bool, check: bool, bias_relevance: str | None, baseline: str, **options) -> None:
     """Compile MODEL into an explaining model with an extra input `target` and outputs `<input>_relevance`."""
     from .compile import compile_model
+    from .load import model_files
     output = output or model.with_suffix(".lrp.onnx")
+    protected = model_files(model) + ([Path(baseline)] if baseline != "zeros" else [])  # never overwritten
     try:
+        check_output(output, protected)
         compiled = compile_model(model, composite, explain_output=explain_output, inline=inline,
                                  emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline, **options)
         report = _check_report(model, composite, explain_output, options) if check else None
-        write_model_atomically(compiled, output)
+        write_model_atomically(compiled, output, protected)
     except OnnxlrpError as exc:
         _fail(str(exc))
     if report:

@@ -107,6 +107,8 @@ def explain_files(model: Path, inputs: list[Path], outdir: Path, composites: lis
     spec = input_spec(prepared[0][1], size)
     _check_bounds(options, spec)
     names = labels if labels is not None else model_labels(prepared[0][1])
+    fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
+    batch_size = fixed or batch_size  # a model with a fixed batch runs exactly that many at a time
     out = OutputFolder(outdir, files).open()  # refuses a folder inputs are read from; see outputs.py
     stems = output_stems(files)
     try:
@@ -124,16 +126,18 @@ def explain_files(model: Path, inputs: list[Path], outdir: Path, composites: lis
             pending = []  # (result, relevance map, background) waiting for the shared colour scale
             for first in range(0, len(loaded), batch_size):
                 batch = loaded[first:first + batch_size]
-                x = np.stack([array for _, array, _ in batch])
+                x = _pad_batch(np.stack([array for _, array, _ in batch]), fixed)
                 runs = []
                 for t in targets:
                     outputs, relevance = explainer.explain({spec.name: x}, target=t)
                     if isinstance(relevance, dict):
                         relevance = relevance[spec.name]
-                    runs.append((t, outputs[explainer.explained_output].reshape(len(batch), -1), relevance))
+                    scores = outputs[explainer.explained_output][:len(batch)].reshape(len(batch), -1)
+                    runs.append((t, scores, relevance[:len(batch)]))
                 for k, (path, array, display) in enumerate(batch):  # records per input, its targets together
                     for t, scores, relevance in runs:
-                        stem = stems[path] + (f".{composite}" if many else "") + (f".{t}" if len(targets) > 1 else "")
+                        stem = (stems[path] + (f".{composite}" if many else "")
+                                + (f".{t}" if len(targets) > 1 else ""))
                         result = _result(path, composite, scores[k], t, relevance[k], names)
                         npy = out.claim(f"{stem}.npy")
                         out.save_npy(npy, relevance[k])
@@ -179,6 +183,14 @@ def _channels(model: Path, size) -> int | None:
         return input_spec(onnx.load(str(model), load_external_data=False), size).channels
     except Exception:
         return None
+
+
+def _pad_batch(x: np.ndarray, fixed: int | None) -> np.ndarray:
+    """A short last batch for a model with a fixed batch size, filled up with copies of its last sample (their
+    results are dropped)."""
+    if fixed is None or len(x) >= fixed:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], fixed - len(x), axis=0)])
 
 
 def _check_bounds(options: dict, spec) -> None:

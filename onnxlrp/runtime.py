@@ -96,7 +96,7 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None):
     """An ORT InferenceSession for an in-memory model."""
     ort = _ort()
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors reach the caller as one-line OnnxlrpErrors, not as ORT log lines
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers or default_providers())
     except Exception as exc:
@@ -154,6 +154,8 @@ class Explainer:
             raise OnnxlrpError(f"missing model input(s): {', '.join(sorted(missing))}")
         feeds = {k: np.asarray(v) for k, v in feeds.items()}
         batch = next(iter(feeds.values())).shape[0] if feeds else 1
+        if any(v.ndim == 0 or v.shape[0] == 0 for v in feeds.values()):
+            raise OnnxlrpError("empty batch: every input needs a batch axis with at least one sample")
         feeds[self._target] = self._targets(target, batch)
         names = self.output_names + self.relevance_names
         try:

@@ -214,4 +214,5 @@ def _progress(total: int, enabled: bool, label: str):
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
-    return tqdm(total=total, desc=label, unit="input", file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=label, unit="input", file=sys.stderr, leave=False,
+                disable=None)  # None: shown on a terminal only, so that logs and pipes get one line per error

@@ -19,6 +19,7 @@ from . import __version__
 from .errors import OnnxlrpError
 from .load import external_data_files, require_regular_file
 from .save import EXTERNAL_DATA_THRESHOLD, write_file_atomically
+from .user_rules import user_files
 
 
 def cache_dir() -> Path:
@@ -45,6 +46,8 @@ def cache_key(model_path: Path, composite: str, options: dict) -> str:
             _file_digest(data, digest)
     digest.update(json.dumps({"version": __version__, "composite": composite, **options}, sort_keys=True,
                              default=str).encode())
+    for name, text in user_files(composite, options.get("rules")):  # a composite file, --rules folders
+        digest.update(f"\0user file {name}\0{text}".encode())
     return digest.hexdigest()[:32]
 
 

@@ -46,6 +46,13 @@ class Bounds(click.ParamType):
         return values[0] if len(values) == 1 else values
 
 
+RULES_OPTION = click.option(
+    "--rules", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+    help="A folder of your own rule templates (*.onnxtxt, linear/*.onnxtxt) and op rows (ops.toml); repeatable.")
+COMPOSITE_HELP = (f"Rule preset: {', '.join(composite_names())}; or your own composite, FILE.toml[:NAME] "
+                  f"(format of rules/composites.toml, plus per-node overrides).")
+
+
 def rule_options(command):
     """The rule parameters shared by compile and explain (Zennit's defaults)."""
     options = [click.option(f"--{name}", type=Bounds() if name in ("low", "high") else float,
@@ -53,6 +60,7 @@ def rule_options(command):
                for name, text in RULE_PARAMETERS.items()]
     options.append(click.option("--lrn-rule", default=DEFAULT_OPTIONS["lrn_rule"], show_default=True,
                                 help=f"Rule for LRN layers: {', '.join(LRN_RULES)}."))
+    options.append(RULES_OPTION)
     for option in reversed(options):
         command = option(command)
     return command
@@ -68,8 +76,7 @@ def main() -> None:
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Where to write the compiled model [default: MODEL with suffix .lrp.onnx].")
-@click.option("--composite", default="epsilon_plus_flat", show_default=True,
-              help=f"Rule preset: {', '.join(composite_names())}.")
+@click.option("--composite", default="epsilon_plus_flat", show_default=True, help=COMPOSITE_HELP)
 @rule_options
 @click.option("--explain-output", default=None, help="Output to explain [default: the first].")
 @click.option("--inline", is_flag=True, help="Inline the rule functions (plain ONNX graph, no local functions).")
@@ -142,7 +149,7 @@ def _check_report(model: Path, composite: str, explain_output: str | None, optio
 @click.option("--json", "json_path", default=None, metavar="FILE|-",
               help="Write one JSON record per input and target to FILE (- = stdout; the lines then go to stderr).")
 @click.option("--composite", "composites", multiple=True, default=["epsilon_plus_flat"], show_default=True,
-              help=f"Rule preset (repeat for several): {', '.join(composite_names())}.")
+              help=COMPOSITE_HELP + " Repeat for several.")
 @click.option("--explain-output", default=None, help="Output to explain [default: the first].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Inputs per run.")
 @click.option("--size", type=(click.IntRange(min=1), click.IntRange(min=1)), default=None,
@@ -221,7 +228,11 @@ def evaluate_command(model: Path, inputs: tuple[Path, ...], composites, lrn_rule
     """Pixel flipping: AUC of the explained class's score as the most relevant patches are flipped first, for
     each composite (and LRN rule), against gradient x input and a random order (lower AUC is better)."""
     from .evaluate import evaluate, plot, report
+    from .inputs import expand_inputs
+    from .load import model_files
+    from .save import refuse_overwrite
     try:
+        refuse_overwrite(plot_path, model_files(model) + expand_inputs(list(inputs)), "plot")
         results, failures = evaluate(model, list(inputs), list(composites), list(lrn_rules), steps, patch,
                                      baseline, baseline_value, normalize, size, epsilon=epsilon)
         plot(results, plot_path, steps)
@@ -237,17 +248,19 @@ def evaluate_command(model: Path, inputs: tuple[Path, ...], composites, lrn_rule
 
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
-@click.option("--composite", default="epsilon_plus_flat", show_default=True,
-              help=f"Rule preset: {', '.join(composite_names())}.")
+@click.option("--composite", default="epsilon_plus_flat", show_default=True, help=COMPOSITE_HELP)
 @click.option("--explain-output", default=None, help="Output to explain [default: the first].")
 @click.option("--lrn-rule", default=DEFAULT_OPTIONS["lrn_rule"], show_default=True,
               help=f"Rule for LRN layers: {', '.join(LRN_RULES)}.")
-def inspect_command(model: Path, composite: str, explain_output: str | None, lrn_rule: str) -> None:
-    """Show, before compiling, the rule every node on the relevance path gets; exit 2 if any is unsupported."""
+@RULES_OPTION
+def inspect_command(model: Path, composite: str, explain_output: str | None, lrn_rule: str,
+                    rules: tuple[Path, ...]) -> None:
+    """Show, before compiling, the rule every node on the relevance path gets (and, with a composite file's
+    overrides, why); exit 2 if any is unsupported."""
     from .compile import make_plan
     from .report import inspect_text
     try:
-        plan = make_plan(model, composite, explain_output=explain_output, lrn_rule=lrn_rule)
+        plan = make_plan(model, composite, explain_output=explain_output, lrn_rule=lrn_rule, rules=rules)
     except OnnxlrpError as exc:
         _fail(str(exc))
     click.echo(inspect_text(plan))

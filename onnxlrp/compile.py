@@ -14,14 +14,15 @@ from onnx import TensorProto, helper, numpy_helper
 from . import __version__
 from .bindings import RULE_PARAMETER_PREFIX, VARIANTS, BindContext, NoRelevance, Unsupported, bind, make_attribute
 from .canonical import canonicalize
-from .composites import Composite, assign_rules, get_composite, node_category, validate_options
+from .composites import Composite, assign_rules, get_composite, node_category, node_overrides, validate_options
 from .errors import OnnxlrpError, UnsupportedError
 from .fusion import find_fusions
 from .graph import FLOAT_TYPES, GraphView
 from .reference import reference_forward
 from .shapes import probe_shapes
 from .load import check, default_opset, model_source, read_model, weightless
-from .templates import DOMAIN, library
+from .templates import DOMAIN, library, user_rules_in_effect
+from .user_rules import rules_fingerprint
 
 #: IR version written: accepted by every onnxruntime from 1.16 on (onnx >= 1.20 would write 14, too new for ORT).
 IR_VERSION = 10
@@ -43,11 +44,13 @@ class RuleRecord:
     arriving: list[str] = field(default_factory=list, repr=False)  # relevance tensors at its outputs
     passed: list[str] = field(default_factory=list, repr=False)    # relevance tensors it gives its inputs
     epsilon_terms: tuple | None = field(default=None, repr=False)  # (B, Y, R, shape of Y) of an epsilon layer
+    why: str = ""  # with a user composite's overrides: why the node got its rule (e.g. "override 2 (glob ...)")
 
     def public(self) -> dict:
         """The fields recorded in the metadata."""
-        return {"node": self.node, "op": self.op, "category": self.category, "rule": self.rule,
-                "template": self.template, "params": self.params}
+        record = {"node": self.node, "op": self.op, "category": self.category, "rule": self.rule,
+                  "template": self.template, "params": self.params}
+        return {**record, "why": self.why} if self.why else record
 
 
 @dataclass
@@ -114,7 +117,7 @@ class Plan:
 
 def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
                   explain_output: str | None = None, inline: bool = False, emit_layers: bool = False,
-                  bias_relevance: str | None = None, baseline="zeros", **options) -> onnx.ModelProto:
+                  bias_relevance: str | None = None, baseline="zeros", rules=None, **options) -> onnx.ModelProto:
     """Compile a model into one that also outputs ``<input>_relevance`` for the class given by input ``target``.
 
     options: epsilon, stabilizer, gamma, alpha, beta, low, high, lrn_rule (see composites.DEFAULT_OPTIONS).
@@ -123,7 +126,17 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     bias_relevance: "layers" adds an output ``bias_relevance`` [N, layers] with the relevance each rule
     application absorbed (bias and stabilizer shares), "units" splits epsilon-ruled linear layers per bias unit;
     input relevance + bias relevance = start relevance (metadata ``onnxlrp.bias_relevance`` names the columns).
+    composite: a name, or ``FILE.toml[:NAME]`` (a user composite, see user_rules). rules: folders of extra
+    templates and op rows (--rules DIR).
     """
+    if rules:
+        with user_rules_in_effect(rules):
+            compiled = compile_model(model, composite, explain_output=explain_output, inline=inline,
+                                     emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline,
+                                     **options)
+        compiled.metadata_props.add(key="onnxlrp.user_rules", value=json.dumps(dict(rules_fingerprint(
+            tuple(str(r) for r in rules)))))
+        return compiled
     plan = make_plan(model, composite, explain_output=explain_output, baseline=baseline, **options)
     if plan.unsupported:
         raise UnsupportedError(plan.source, plan.unsupported)
@@ -155,9 +168,12 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
 
 
 def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
-              explain_output: str | None = None, baseline="zeros", **options) -> Plan:
+              explain_output: str | None = None, baseline="zeros", rules=None, **options) -> Plan:
     """Load, canonicalise and walk the graph: which rule and template every node gets (nothing is raised for
     unsupported nodes; they are listed in the plan)."""
+    if rules:
+        with user_rules_in_effect(rules):
+            return make_plan(model, composite, explain_output=explain_output, baseline=baseline, **options)
     source = model_source(model)
     try:
         params = validate_options(options)
@@ -176,6 +192,10 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
     if unknown:
         view.fill_shapes(probe_shapes(view, unknown))
     rules = assign_rules(view, path, chosen)
+    try:
+        per_node = node_overrides(view, path, chosen, rules, params)
+    except OnnxlrpError as exc:
+        raise OnnxlrpError(f"{source}: {exc}") from None
 
     builder = _Builder(taken=_all_names(proto))
     reference, baseline_inputs, baseline_defaults = None, [], []
@@ -183,7 +203,7 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
         nodes, reference, baseline_inputs, baseline_defaults = reference_forward(view, baseline, source)
         builder.nodes.extend(nodes)
         builder.taken.update(o for n in nodes for o in n.output)
-    records, unsupported = _walk(view, path, rules, chosen, params, explained, builder, reference)
+    records, unsupported = _walk(view, path, rules, chosen, params, explained, builder, reference, per_node)
     output = explain_output or view.model.graph.output[0].name
     return Plan(source, view, builder, records, unsupported, chosen, params, applied, output, baseline_inputs,
                 baseline_defaults)
@@ -278,7 +298,8 @@ def _all_names(model: onnx.ModelProto) -> set[str]:
 
 
 def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen: Composite, params: dict,
-          explained: str, builder: _Builder, reference: dict[str, str] | None = None):
+          explained: str, builder: _Builder, reference: dict[str, str] | None = None,
+          per_node: dict[int, tuple[dict, str]] | None = None):
     lib = library()
     opset = default_opset(view.model)
     start = "start_relevance" if chosen.signal == "relevance" else "start_gradient"
@@ -296,6 +317,10 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
         spec = lib.ops.get(node.op_type)
         record = RuleRecord(name, node.op_type, node_category(view, index), rule)
         records.append(record)
+        node_options = options
+        if per_node and index in per_node:  # a user composite's override: its own rule parameters
+            node_options = {k: v for k, v in per_node[index][0].items() if k != "lrn_rule"}
+            record.why = per_node[index][1]
         if index in absorbed:  # part of the linear layer that ends here; its producer applies the rule
             record.rule, record.template = f"fused into {absorbed[index]}", None
             continue
@@ -325,7 +350,7 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                     template = f"{template}_nonneg"  # the terms for negative inputs vanish
                 record.template = template
                 try:
-                    inputs, attrs = bind(ctx, lib.function(template), lib.attribute_types(template), options,
+                    inputs, attrs = bind(ctx, lib.function(template), lib.attribute_types(template), node_options,
                                          spec.binder)
                 except NoRelevance:
                     continue
@@ -412,8 +437,11 @@ def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], cho
             name, elem if elem in FLOAT_TYPES else TensorProto.FLOAT, [None, None] if name == BIAS_OUTPUT else [None]))
     opset = default_opset(source)
     functions = []
+    # per-node parameters (a user composite's overrides) count too
+    guarded = any(zero_denominators_possible({**params, **r.params}) for r in records) or \
+        zero_denominators_possible(params)
     for function in library().closure(sorted(builder.functions)):
-        if function.name == "safe_div" and not zero_denominators_possible(params):
+        if function.name == "safe_div" and not guarded:
             function = _renamed(library().function("nonzero_div"), "safe_div")
         function = _copy_with_opset(function, opset)
         functions.append(function)
@@ -433,6 +461,8 @@ def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], cho
         "onnxlrp.rules": json.dumps([r.public() for r in records]),
         "onnxlrp.layer_outputs": json.dumps([name for name, _ in layers]),
     }
+    if chosen.source_text is not None:
+        meta["onnxlrp.composite_file"] = chosen.source_text
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
     return model

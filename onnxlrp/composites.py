@@ -9,6 +9,7 @@ import networkx as nx
 from .errors import OnnxlrpError
 from .graph import GraphView
 from .templates import library
+from .user_rules import category_depth, is_composite_file, override_matches, read_composite_file
 
 #: Zennit's defaults, plus the zbox bounds of raw [0, 1] image data and the default LRN rule.
 DEFAULT_OPTIONS: dict[str, float | str] = {
@@ -35,6 +36,8 @@ class Composite:
     first_layer: list[str] = field(default_factory=list)
     first: str | None = None
     zennit: str = ""
+    overrides: list = field(default_factory=list)  # user_rules.Override, from a --composite FILE.toml
+    source_text: str | None = None  # that file's content (recorded in the compiled model's metadata)
 
 
 def composite_names() -> list[str]:
@@ -43,17 +46,23 @@ def composite_names() -> list[str]:
 
 
 def get_composite(name: str, lrn_rule: str) -> Composite:
-    """Look up a composite by name (OnnxlrpError lists the known ones)."""
+    """Look up a composite by name (OnnxlrpError lists the known ones), or read it from ``FILE.toml[:NAME]``."""
     tables = library().composites
-    if name not in tables or name == "base":
-        raise OnnxlrpError(f"unknown composite {name!r}; choose one of: {', '.join(composite_names())}")
-    table = dict(tables[name])
+    overrides, text = [], None
+    if is_composite_file(name):
+        name, table, overrides, text = read_composite_file(name)
+        table = dict(table)
+    elif name not in tables or name == "base":
+        raise OnnxlrpError(f"unknown composite {name!r}; choose one of: {', '.join(composite_names())} "
+                           f"(or a FILE.toml)")
+    else:
+        table = dict(tables[name])
     rules = dict(tables["base"]) if table["signal"] == "relevance" else {}
     meta = {"signal", "first_layer", "first", "zennit"}
     rules.update({k: v for k, v in table.items() if k not in meta})
     rules = {k: (lrn_rule if v == "@lrn_rule" else v) for k, v in rules.items()}
     return Composite(name, table["signal"], rules, table.get("first_layer", []), table.get("first"),
-                     table.get("zennit", ""))
+                     table.get("zennit", ""), overrides, text)
 
 
 def validate_options(options: dict) -> dict:
@@ -123,11 +132,36 @@ def assign_rules(view: GraphView, path: list[int], composite: Composite) -> dict
     return rules
 
 
-def first_layer_nodes(view: GraphView, path: list[int], categories: dict[int, str | None],
-                      first_categories: set[str]) -> set[int]:
-    """Nodes of the first-layer categories with no other such node between them and the model input."""
-    if not first_categories:
-        return set()
+def node_overrides(view: GraphView, path: list[int], composite: Composite, rules: dict[int, str | None],
+                   params: dict) -> dict[int, tuple[dict, str]]:
+    """Apply a user composite's per-node overrides: updates ``rules`` in place and returns, per node on the path,
+    (its rule parameters, why it got its rule) — empty when the composite has no overrides."""
+    if not composite.overrides:
+        return {}
+    categories = {i: node_category(view, i) for i in path}
+    firsts = first_layer_nodes(view, path, categories, set(composite.first_layer))
+    depth = category_depth(_flow(view, path), categories)
+    matched = override_matches(composite.overrides, {i: view.node_name(i) for i in path}, categories, path, depth)
+    result = {}
+    for i in path:
+        why = "first layer" if i in firsts and composite.first else f"category {categories[i]}"
+        node_params = dict(params)
+        for override in matched.get(i, []):
+            if override.rule is not None:
+                rules[i] = override.rule
+            node_params.update(override.params)
+            why += f"; {override.describe()}"
+        if node_params != params:
+            try:
+                node_params = validate_options(node_params)
+            except OnnxlrpError as exc:
+                raise OnnxlrpError(f"{view.node_name(i)}: {exc}") from None
+        result[i] = (node_params, why)
+    return result
+
+
+def _flow(view: GraphView, path: list[int]) -> nx.DiGraph:
+    """The relevance path as a directed graph (edges from producer to consumer)."""
     flow = nx.DiGraph()
     flow.add_nodes_from(path)
     on_path = set(path)
@@ -136,5 +170,14 @@ def first_layer_nodes(view: GraphView, path: list[int], categories: dict[int, st
             for j in view.consumers.get(out, []):
                 if j in on_path:
                     flow.add_edge(i, j)
+    return flow
+
+
+def first_layer_nodes(view: GraphView, path: list[int], categories: dict[int, str | None],
+                      first_categories: set[str]) -> set[int]:
+    """Nodes of the first-layer categories with no other such node between them and the model input."""
+    if not first_categories:
+        return set()
+    flow = _flow(view, path)
     layers = {i for i in path if categories[i] in first_categories}
     return {i for i in layers if not (nx.ancestors(flow, i) & layers)}

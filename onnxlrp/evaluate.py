@@ -111,11 +111,11 @@ def evaluate(model: Path, inputs: list[Path], composites: list[str], lrn_rules: 
              patch: int = 4, baseline: str = "value", baseline_value: float = 0.0, normalize: str = "unit",
              size=None, seed: int = 0, **options) -> tuple[list[Curves], list[tuple[Path, str]]]:
     """Pixel-flipping curves per method (relative score: score after k steps / score before)."""
-    import onnx
     if steps < 1 or patch < 1:
         raise OnnxlrpError("--steps and --patch must be at least 1")
     from .compile import IR_VERSION
-    proto = onnx.load(str(model))
+    from .load import read_model
+    proto = read_model(model)  # regular files only, external data and tensors checked, one-line errors
     proto.ir_version = min(proto.ir_version, IR_VERSION)  # onnx >= 1.20 writes IR versions ORT refuses
     has_lrn = any(n.op_type == "LRN" for n in proto.graph.node)
     spec = input_spec(proto, size)
@@ -184,5 +184,10 @@ def plot(results: list[Curves], path: Path, steps: int) -> None:
     ax.set_title("pixel flipping")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    from .save import write_file_atomically
+    fmt = Path(path).suffix[1:].lower() or "png"
+    if fmt not in fig.canvas.get_supported_filetypes():
+        plt.close(fig)
+        raise OnnxlrpError(f"{path}: cannot write a plot of type {fmt!r} (use .png, .pdf or .svg)")
+    write_file_atomically(Path(path), lambda handle: fig.savefig(handle, format=fmt))
     plt.close(fig)

@@ -25,19 +25,31 @@ def inspect_text(plan: Plan) -> str:
     """Every node on the relevance path with its rule, template and parameters; canonicalisations; the
     unsupported nodes."""
     rows = [[r.node, r.op, r.category or "?", r.rule or "-", r.template or "-", _bias(plan, r),
-             ", ".join(f"{k}={v:g}" for k, v in sorted(r.params.items()))] for r in plan.records]
+             ", ".join(f"{k}={_number(v)}" for k, v in sorted(r.params.items()))] for r in plan.records]
+    header = ["node", "op", "category", "rule", "template", "bias", "parameters"]
+    if any(r.why for r in plan.records):  # a user composite with overrides: why each node got its rule
+        header.append("why")
+        for row, record in zip(rows, plan.records):
+            row.append(record.why)
     parts = [f"model: {plan.source}",
              f"composite: {plan.composite.name} (Zennit: {plan.composite.zennit}), signal: {plan.composite.signal}",
              f"parameters: {json.dumps(plan.params, sort_keys=True)}",
              f"canonicalizations: {', '.join(plan.canonicalizations) or 'none'}",
              f"relevance path: {len(plan.records)} nodes", "",
-             _table(["node", "op", "category", "rule", "template", "bias", "parameters"], rows), ""]
+             _table(header, rows), ""]
     if plan.unsupported:
         parts.append(f"unsupported: {len(plan.unsupported)} node(s)")
         parts += [f"  {name} ({op}){': ' + why if why else ''}" for name, op, why in plan.unsupported]
     else:
         parts.append("unsupported: none")
     return "\n".join(parts)
+
+
+def _number(value) -> str:
+    """A rule parameter for the table: 0.25, or [-2.12, -2.04, -1.8] for per-channel bounds."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(f"{v:.4g}" for v in value) + "]" if len(value) != 1 else f"{value[0]:g}"
+    return f"{value:g}"
 
 
 def _bias(plan: Plan, record) -> str:

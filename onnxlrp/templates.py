@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import copy
 import tomllib
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 import onnx
 import onnx.parser
@@ -56,9 +59,10 @@ class OpSpec:
 
 
 class TemplateLibrary:
-    """All rule templates, the op table and the composites, read once from the rules package."""
+    """All rule templates, the op table and the composites, read once from the rules package (plus the user's
+    rule folders, see user_rules.load_rules_dir)."""
 
-    def __init__(self) -> None:
+    def __init__(self, user_dirs: tuple[str, ...] = ()) -> None:
         root = resources.files("onnxlrp.rules")
         self.functions: dict[str, FunctionProto] = {}
         self.linear_rules: dict[str, FunctionProto] = {}
@@ -72,6 +76,9 @@ class TemplateLibrary:
                 else:
                     self.functions[function.name] = function
         ops = tomllib.loads(root.joinpath("ops.toml").read_text())
+        for directory in user_dirs:
+            from .user_rules import load_rules_dir
+            load_rules_dir(directory, self.functions, self.linear_rules, ops)
         self.ops = {name: _op_spec(name, table) for name, table in ops.items()}
         self.variant_of = {v: spec.linear for spec in self.ops.values() for v in spec.linear_variants}
         self.composites: dict = tomllib.loads(root.joinpath("composites.toml").read_text())
@@ -154,7 +161,28 @@ def _op_spec(name: str, table: dict) -> OpSpec:
     )
 
 
-@cache
+#: The user's rule folders (--rules DIR) in effect; set with ``user_rules_in_effect``.
+_USER_DIRS: ContextVar[tuple[str, ...]] = ContextVar("onnxlrp_user_rule_dirs", default=())
+
+
 def library() -> TemplateLibrary:
-    """The process-wide template library."""
-    return TemplateLibrary()
+    """The template library: the package's rules plus the user's rule folders in effect."""
+    return _library(_USER_DIRS.get())
+
+
+@cache
+def _library(user_dirs: tuple[str, ...]) -> TemplateLibrary:
+    return TemplateLibrary(user_dirs)
+
+
+@contextmanager
+def user_rules_in_effect(directories):
+    """Within the block, library() includes the templates and op rows of these folders (--rules DIR)."""
+    dirs = tuple(str(Path(d).resolve()) for d in (directories or ()))
+    token = _USER_DIRS.set(dirs)
+    try:
+        if dirs:
+            _library(dirs)  # read (and check) the folders now
+        yield
+    finally:
+        _USER_DIRS.reset(token)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from functools import cache
 
@@ -161,8 +162,7 @@ class Explainer:
         try:
             values = self.session.run(names, feeds)
         except Exception as exc:
-            raise OnnxlrpError(f"onnxruntime failed to run the compiled model: "
-                               f"{str(exc).strip().splitlines()[0]}") from None
+            raise OnnxlrpError(_run_failure(str(exc))) from None
         outputs = dict(zip(self.output_names, values[: len(self.output_names)]))
         relevance = dict(zip(self.relevance_names, values[len(self.output_names):]))
         if len(relevance) == 1:
@@ -172,7 +172,7 @@ class Explainer:
     def _targets(self, target, batch: int) -> np.ndarray:
         if target is None:
             return np.full([batch], -1, dtype=np.int64)
-        arr = np.asarray(target, dtype=np.int64).reshape(-1)
+        arr = _integer_targets(target)
         if arr.size == 1:
             arr = np.full([batch], int(arr[0]), dtype=np.int64)
         if arr.size != batch:
@@ -197,3 +197,27 @@ class Explainer:
         if dims and all(isinstance(d, int) for d in dims):
             return int(np.prod(dims))
         return None
+
+
+def _integer_targets(target) -> np.ndarray:
+    """Targets as int64 class indices; OnnxlrpError for anything that is not a whole number (2.7 is not class 2)."""
+    arr = np.asarray(target)
+    if arr.dtype == bool or arr.dtype.kind not in "iuf":
+        raise OnnxlrpError(f"target must be an integer class index (negative: the top class), got {target!r}")
+    if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
+        bad = arr.reshape(-1)[~(np.isfinite(arr) & (arr == np.round(arr))).reshape(-1)][0]
+        raise OnnxlrpError(f"target must be an integer class index (negative: the top class), got {bad:g}")
+    return arr.astype(np.int64).reshape(-1)
+
+
+_TARGET_CHECK = re.compile(r"target_out_of_range.*Input shape:\{(\d+)\}, requested shape:\{(\d+)\}", re.S)
+
+
+def _run_failure(message: str) -> str:
+    """One line for a failed run; the compiled graph's target check (see rules/common/class_mask) reads as
+    'target T out of range: the model has K classes'."""
+    check = _TARGET_CHECK.search(message)
+    if check:
+        classes, needed = int(check.group(1)), int(check.group(2))
+        return f"target {needed - 1} out of range: the model has {classes} classes (0..{classes - 1})"
+    return f"onnxruntime failed to run the compiled model: {message.strip().splitlines()[0]}"

@@ -296,3 +296,58 @@ def test_nonzero_stabilizers_keep_the_plain_division():
         compiled = onnxlrp.compile_model(mlp(), "epsilon", **params)
         (function,) = [f for f in compiled.functions if f.name == "safe_div"]
         assert any(n.op_type == "Where" for n in function.node) == guarded
+
+
+# --- targets -------------------------------------------------------------------------------------------------------
+
+def test_a_target_beyond_the_classes_fails_the_run_on_ort_and_the_reference():
+    """Never an all-zero relevance: the compiled graph's check fails the run and names the class count."""
+    compiled = onnxlrp.compile_model(mlp(classes=4), "epsilon_plus_flat")
+    x = np.random.default_rng(20).standard_normal((3, 5)).astype(np.float32)
+    ok = run_compiled(compiled, {"x": x, "target": np.array([3, -1, 0], np.int64)})
+    assert np.abs(ok["x_relevance"]).sum(axis=1).min() > 0
+    for bad in ([0, 4, 1], [9, 9, 9]):
+        with pytest.raises(Exception, match=r"target_out_of_range.*Input shape:\{4\}, requested shape:\{%d\}"
+                           % (max(bad) + 1)):
+            run_compiled(compiled, {"x": x, "target": np.array(bad, np.int64)})
+    from onnx.reference import ReferenceEvaluator
+    with pytest.raises(ValueError, match="cannot reshape array of size 4"):
+        ReferenceEvaluator(compiled).run(None, {"x": x, "target": np.array([0, 4, 1], np.int64)})
+
+
+def test_an_empty_batch_gives_empty_results():
+    compiled = onnxlrp.compile_model(mlp(), "epsilon_plus_flat")
+    out = run_compiled(compiled, {"x": np.zeros((0, 5), np.float32), "target": np.zeros(0, np.int64)})
+    assert out["x_relevance"].shape == (0, 5) and out["logits"].shape == (0, 4)
+
+
+@pytest.mark.parametrize("target,message", [
+    (2.7, "got 2.7"), ([0, 1.5, 2], "got 1.5"), (float("nan"), "got nan"), ("3", "got '3'"), (True, "got True"),
+    (4, "target 4 out of range: the model has 4 classes (0..3)"),
+    ([0, 9, 1], "target 9 out of range: the model has 4 classes (0..3)"),
+])
+def test_the_explainer_refuses_non_integer_and_out_of_range_targets(target, message):
+    explainer = onnxlrp.Explainer(mlp(), "epsilon")
+    x = np.random.default_rng(21).standard_normal((3, 5)).astype(np.float32)
+    with pytest.raises(OnnxlrpError) as info:
+        explainer.explain(x, target=target)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    _, relevance = explainer.explain(x, target=[0, 2.0, -1])  # whole numbers are fine
+    assert np.isfinite(relevance).all()
+
+
+def test_the_explainer_names_the_target_when_the_class_count_is_dynamic():
+    """A fully convolutional model: its classes (C x H x W scores) are known only at run time."""
+    w = np.random.default_rng(22).standard_normal((2, 1, 1, 1)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "fcn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, "H", "W"])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    explainer = onnxlrp.Explainer(model, "epsilon")
+    assert explainer.classes is None
+    x = np.random.default_rng(23).standard_normal((2, 1, 2, 2)).astype(np.float32)
+    with pytest.raises(OnnxlrpError, match=r"^target 9 out of range: the model has 8 classes \(0..7\)$"):
+        explainer.explain(x, target=[1, 9])
+    _, relevance = explainer.explain(x, target=[1, 7])
+    assert np.isfinite(relevance).all() and relevance[1].any()

@@ -66,7 +66,29 @@ def rule_options(command):
     return command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Never a traceback: an exception that escapes a command (input nobody foresaw, or a bug) is one line
+    `onnxlrp: error: ...` with exit code 2. ONNXLRP_DEBUG=1 lets it through with its traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except OnnxlrpError as exc:
+            _fail(str(exc))
+        except MemoryError:
+            _fail("out of memory")
+        except Exception as exc:
+            import os
+            if os.environ.get("ONNXLRP_DEBUG"):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            _fail(f"internal error ({type(exc).__name__}{': ' + first if first else ''}); "
+                  f"ONNXLRP_DEBUG=1 shows the traceback")
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onnxlrp")
 def main() -> None:
     """Compile ONNX models into ONNX models that also explain their predictions (LRP)."""

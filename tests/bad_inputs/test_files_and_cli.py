@@ -555,3 +555,21 @@ def test_stdout_carries_only_result_lines_when_cuda_libraries_are_missing(tmp_pa
     lines = run.stdout.splitlines()
     assert len(lines) == 2 and all(re.match(RESULT_LINE, line) for line in lines), run.stdout
     assert "Failed to load" not in run.stderr + run.stdout
+
+
+# --- the last line of defence ----------------------------------------------------------------------------------------
+
+def test_an_unforeseen_exception_is_one_line_not_a_traceback(space, monkeypatch):
+    import onnxlrp.compile
+
+    def broken(*args, **kwargs):
+        raise TypeError("something nobody foresaw\nsecond line")
+
+    monkeypatch.setattr(onnxlrp.compile, "compile_model", broken)
+    model = save_tiny(space / "model.onnx")
+    out = space.parent / "out.onnx"
+    assert_refused(cli("compile", model, "-o", out), "internal error (TypeError: something nobody foresaw)",
+                   "ONNXLRP_DEBUG=1")
+    assert not out.exists()
+    monkeypatch.setenv("ONNXLRP_DEBUG", "1")
+    assert "Traceback" in cli("compile", model, "-o", out).stderr

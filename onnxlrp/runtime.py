@@ -10,6 +10,7 @@ from functools import cache
 import numpy as np
 import onnx
 
+from . import save
 from .errors import OnnxlrpError
 
 CUDA = "CUDAExecutionProvider"
@@ -99,9 +100,21 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None):
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors reach the caller as one-line OnnxlrpErrors, not as ORT log lines
     try:
+        if model.ByteSize() > save.EXTERNAL_DATA_THRESHOLD:  # too large for one protobuf message
+            return _session_from_folder(ort, model, options, providers or default_providers())
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers or default_providers())
     except Exception as exc:
         raise OnnxlrpError(f"onnxruntime cannot load the compiled model: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _session_from_folder(ort, model: onnx.ModelProto, options, providers: list[str]):
+    """A session for a model over 2 GiB: saved with external data in a temporary folder, loaded from there."""
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory(prefix="onnxlrp-session-") as folder:
+        path = Path(folder) / "model.onnx"
+        save.write_model_atomically(model, path)
+        return ort.InferenceSession(str(path), options, providers=providers)
 
 
 class Explainer:

@@ -215,6 +215,19 @@ def test_a_model_over_the_protobuf_limit_is_saved_with_external_data(space, monk
     unchanged(space, before)
 
 
+def test_explain_runs_a_model_over_the_protobuf_limit_without_caching_it(space, tmp_path, monkeypatch):
+    model = save_tiny(space / "model.onnx")
+    image = save_png(space / "x.png")
+    x = np.asarray(Image.open(image), np.float32)[None, None] / 255
+    expected = onnxlrp.Explainer(model, providers=["CPUExecutionProvider"]).explain(x)[1][0]
+    monkeypatch.setattr(save, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(save, "EXTERNAL_TENSOR_MIN", 64)
+    run = cli("explain", model, image, "-o", tmp_path / "out", cache=tmp_path / "cache")
+    assert run.returncode == 0, run.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "x.npy"), expected)
+    assert not list((tmp_path / "cache").glob("*.lrp.onnx"))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

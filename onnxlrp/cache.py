@@ -18,7 +18,8 @@ from google.protobuf.message import DecodeError
 from . import __version__
 from .errors import OnnxlrpError
 from .load import external_data_files, require_regular_file
-from .save import EXTERNAL_DATA_THRESHOLD, write_file_atomically
+from . import save
+from .save import write_file_atomically
 from .user_rules import user_files
 
 
@@ -73,7 +74,7 @@ def _read_entry(path: Path) -> onnx.ModelProto | None:
 def _write_entry(model: onnx.ModelProto, path: Path) -> None:
     """Write the model, then its digest; an unwritable cache only costs time. Models too large for one
     protobuf message are not cached."""
-    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+    if model.ByteSize() > save.EXTERNAL_DATA_THRESHOLD:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

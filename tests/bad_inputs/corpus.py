@@ -46,6 +46,27 @@ def cli(*args, cache: Path | None = None) -> Run:
     return Run(result.exit_code, result.stdout, stderr)
 
 
+class Hang(Exception):
+    pass
+
+
+def cli_within(seconds: int, *args, cache: Path | None = None) -> Run:
+    """cli(), interrupted after ``seconds`` (SIGALRM breaks a blocking open() of a FIFO): a hang fails the test
+    as a traceback instead of hanging the suite."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise Hang(f"no answer after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(seconds)
+    try:
+        return cli(*args, cache=cache)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def cli_subprocess(*args, cache: Path | None = None, timeout: float = 120, prelude: str = "") -> Run:
     """The `onnxlrp` command in a fresh interpreter (for what must not hang, and for fd-level stdout); a run that
     exceeds ``timeout`` fails the test instead of hanging it. ``prelude``: Python run before the command."""

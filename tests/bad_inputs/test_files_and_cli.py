@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 import onnxlrp
-from corpus import (DIGITS, RESULT_LINE, SAMPLES, assert_refused, cli, cli_subprocess, digests, error_lines,
-                    make_fifo, point_external_data, save_bomb_png, save_compiled, save_external, save_mismatched,
-                    save_npz_as_npy, save_pickled_npy, save_png, save_string_npy, save_structured_npy, save_tiny,
-                    tiny_model)
+from corpus import (DIGITS, RESULT_LINE, SAMPLES, assert_refused, cli, cli_subprocess, cli_within, digests,
+                    error_lines, make_fifo, point_external_data, save_bomb_png, save_compiled, save_external,
+                    save_mismatched, save_npz_as_npy, save_pickled_npy, save_png, save_string_npy,
+                    save_structured_npy, save_tiny, tiny_model)
 from onnxlrp import save
 from onnxlrp.errors import OnnxlrpError
 
@@ -147,7 +147,7 @@ def test_a_fifo_as_the_model_is_refused_without_hanging(space, command):
     image = save_png(space / "x.png")
     args = {"compile": [fifo, "-o", space.parent / "out.onnx"], "inspect": [fifo],
             "explain": [fifo, image, "-o", space.parent / "out"]}[command]
-    run = cli_subprocess(command, *args, cache=space.parent / "cache", timeout=120)
+    run = cli_within(60, command, *args, cache=space.parent / "cache")
     assert_refused(run, "model.onnx: not a regular file")
     assert not (space.parent / "out.onnx").exists() and not (space.parent / "out").exists()
 
@@ -455,7 +455,7 @@ def test_a_fifo_in_an_input_folder_is_skipped_without_hanging(space):
     make_fifo(space / "pipe.png")
     (space / "sub.png").mkdir()  # a subfolder is not an input, whatever its name
     out = space.parent / "out"
-    run = cli_subprocess("explain", DIGITS, space, "-o", out, cache=space.parent / "cache", timeout=120)
+    run = cli_within(60, "explain", DIGITS, space, "-o", out, cache=space.parent / "cache")
     assert "Traceback" not in run.stderr
     assert run.returncode == 1
     assert [line for line in error_lines(run) if "pipe.png: not a regular file" in line]

@@ -93,6 +93,7 @@ def parse_normalize(text: str) -> tuple[str, tuple[list[float], list[float]] | N
 def read_array(path: Path) -> np.ndarray:
     """A numeric array from a .npy file (memory-mapped until it is known to fit): never unpickles; refuses .npz
     archives, and structured, string, object and complex arrays, with one line each."""
+    require_regular_file(path, "a .npy array")
     try:
         try:
             loaded = np.load(path, mmap_mode="r", allow_pickle=False)

@@ -24,11 +24,13 @@ def baseline_value(vi: onnx.ValueInfoProto, baseline, source: str) -> np.ndarray
             raise OnnxlrpError(f"{source}: --baseline zeros needs the static shape of input {vi.name!r}, got {dims}")
         return np.zeros([1] + dims[1:], dtype=dtype)
     if isinstance(baseline, (str, os.PathLike)):
-        try:
-            baseline = np.load(baseline)
-        except (OSError, ValueError) as exc:
-            raise OnnxlrpError(f"{baseline}: cannot read the baseline array ({exc})") from None
+        from pathlib import Path
+
+        from .inputs import read_array
+        baseline = read_array(Path(baseline))  # regular numeric .npy only, never unpickled; one-line errors
     array = np.asarray(baseline, dtype=dtype)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise OnnxlrpError(f"{source}: the baseline holds NaN or infinite values")
     if array.ndim == len(dims) - 1:
         array = array[None]
     fits = array.ndim == len(dims) and all(d is None or d == a for d, a in zip(dims[1:], array.shape[1:]))

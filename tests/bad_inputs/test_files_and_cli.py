@@ -586,3 +586,28 @@ def test_an_unforeseen_exception_is_one_line_not_a_traceback(space, monkeypatch)
     assert not out.exists()
     monkeypatch.setenv("ONNXLRP_DEBUG", "1")
     assert "Traceback" in cli("compile", model, "-o", out).stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "npz", "pickled", "string", "nan", "fifo"])
+def test_a_bad_deeplift_baseline_file_is_one_line(space, case):
+    model = save_tiny(space / "model.onnx")
+    baseline = space / "baseline.npy"
+    if case == "npz":
+        save_npz_as_npy(baseline)
+    elif case == "pickled":
+        save_pickled_npy(baseline, space.parent / "UNPICKLED")
+    elif case == "string":
+        save_string_npy(baseline)
+    elif case == "nan":
+        np.save(baseline, np.full((1, 8, 8), np.nan, np.float32))
+    elif case == "fifo":
+        make_fifo(baseline)
+    out = space.parent / "out.onnx"
+    before = digests(space)
+    expected = {"missing": "baseline.npy: file not found", "npz": "baseline.npy: is an .npz archive",
+                "pickled": "allow_pickle=False", "string": "is not numeric", "nan": "NaN or infinite",
+                "fifo": "baseline.npy: not a regular file"}[case]
+    assert_refused(cli_within(60, "compile", model, "-o", out, "--composite", "deeplift", "--baseline", baseline),
+                   expected)
+    assert not out.exists() and not (space.parent / "UNPICKLED").exists()
+    unchanged(space, before)

@@ -117,45 +117,22 @@ def compile_command(model: Path, output: Path | None, composite: str, explain_ou
     """Compile MODEL into an explaining model with an extra input `target` and outputs `<input>_relevance`."""
     from .compile import compile_model
     from .load import model_files
+    from .report import check_report
     output = output or model.with_suffix(".lrp.onnx")
     protected = model_files(model) + ([Path(baseline)] if baseline != "zeros" else [])  # never overwritten
     try:
         check_output(output, protected)
         compiled = compile_model(model, composite, explain_output=explain_output, inline=inline,
                                  emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline, **options)
-        report = _check_report(model, composite, explain_output, options) if check else None
+        report, flagged = check_report(model, composite, explain_output, options) if check else (None, 0)
         write_model_atomically(compiled, output, protected)
     except OnnxlrpError as exc:
         _fail(str(exc))
     if report:
         click.echo(report)
     click.echo(f"wrote {output} (composite {composite})")
-
-
-def _check_report(model: Path, composite: str, explain_output: str | None, options: dict) -> str:
-    """Compile with per-layer totals, run once on random input, and render the conservation table."""
-    import json
-
-    import numpy as np
-
-    from .compile import RELEVANCE_SUFFIX, compile_model
-    from .report import conservation_rows, conservation_text, random_feeds
-    from .runtime import make_session
-    checked = compile_model(model, composite, explain_output=explain_output, emit_layers="check", **options)
-    try:
-        feeds = random_feeds(checked)
-    except ValueError as exc:
-        raise OnnxlrpError(f"{model}: --check: {exc}") from None
-    feeds["target"] = np.full(next(iter(feeds.values())).shape[0], -1, dtype=np.int64)
-    session = make_session(checked)
-    names = [o.name for o in session.get_outputs()]
-    values = dict(zip(names, session.run(names, feeds)))
-    meta = {p.key: p.value for p in checked.metadata_props}
-    rows = conservation_rows(json.loads(meta["onnxlrp.rules"]), values, meta["onnxlrp.signal"])
-    start = rows[-1]["arriving"] if rows else 0.0
-    total = float(np.mean(sum(v.reshape(v.shape[0], -1).sum(1) for k, v in values.items()
-                              if k.endswith(RELEVANCE_SUFFIX))))
-    return conservation_text(rows, start, total)
+    if flagged:  # the model is written, but a conserving rule lost or created relevance: say so by the exit code
+        sys.exit(1)
 
 
 @main.command("explain")

@@ -62,6 +62,9 @@ class _Builder:
     initializers: list[onnx.TensorProto] = field(default_factory=list)
     functions: set[str] = field(default_factory=set)
     totals: dict[str, str] = field(default_factory=dict)  # see _sample_total
+    target_input: str = TARGET_INPUT  # the compiled model's interface names, unique in the graph (see _reserve)
+    relevance_outputs: dict[str, str] = field(default_factory=dict)  # float input -> its relevance output
+    output_roles: dict[str, list[str]] = field(default_factory=dict)  # layer/bias output -> [node, kind]
 
     def fresh(self, hint: str) -> str:
         name, k = hint, 0
@@ -149,7 +152,9 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
             raise OnnxlrpError(f"{plan.source}: --bias-relevance needs a relevance composite, not "
                                f"{plan.composite.name}")
         tensor, columns = _bias_relevance(plan, bias_relevance == "units")
-        layers.append((BIAS_OUTPUT, tensor))
+        name = plan.builder.fresh(BIAS_OUTPUT)
+        plan.builder.output_roles[name] = ["", "bias"]
+        layers.append((name, tensor))
     compiled = _assemble(plan.view, plan.builder, plan.records, plan.composite, plan.params,
                          plan.canonicalizations, layers)
     compiled.graph.input.extend(plan.baseline_inputs)
@@ -198,15 +203,25 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
         raise OnnxlrpError(f"{source}: {exc}") from None
 
     builder = _Builder(taken=_all_names(proto))
+    _reserve(view, builder)
     reference, baseline_inputs, baseline_defaults = None, [], []
     if chosen.signal == "deeplift":
-        nodes, reference, baseline_inputs, baseline_defaults = reference_forward(view, baseline, source)
+        nodes, reference, baseline_inputs, baseline_defaults = reference_forward(view, baseline, source,
+                                                                                 builder.fresh)
         builder.nodes.extend(nodes)
         builder.taken.update(o for n in nodes for o in n.output)
     records, unsupported = _walk(view, path, rules, chosen, params, explained, builder, reference, per_node)
     output = explain_output or view.model.graph.output[0].name
     return Plan(source, view, builder, records, unsupported, chosen, params, applied, output, baseline_inputs,
                 baseline_defaults)
+
+
+def _reserve(view: GraphView, builder: _Builder) -> None:
+    """The compiled model's own input and outputs: ``target`` and ``<input>_relevance``, or, where the model
+    already uses such a name (an input called target, ...), the first free ``<name>_1``, ``<name>_2``, ... (recorded
+    in the metadata ``onnxlrp.target_input`` and ``onnxlrp.relevance_outputs``)."""
+    builder.target_input = builder.fresh(TARGET_INPUT)
+    builder.relevance_outputs = {vi.name: builder.fresh(vi.name + RELEVANCE_SUFFIX) for vi in view.float_inputs}
 
 
 BIAS_OUTPUT = "bias_relevance"
@@ -253,11 +268,13 @@ def _layer_outputs(plan: Plan, arriving: bool) -> list[tuple[str, str]]:
     for record in plan.records:
         if not record.passed:
             continue
-        outputs.append((LAYER_PREFIX + record.node,
-                        _sample_total(plan.builder, record.passed, f"{record.node}__layer_sum")))
+        name = plan.builder.fresh(LAYER_PREFIX + record.node)
+        plan.builder.output_roles[name] = [record.node, "passed"]
+        outputs.append((name, _sample_total(plan.builder, record.passed, f"{record.node}__layer_sum")))
         if arriving:
-            outputs.append((ARRIVING_PREFIX + record.node,
-                            _sample_total(plan.builder, record.arriving, f"{record.node}__arr_sum")))
+            name = plan.builder.fresh(ARRIVING_PREFIX + record.node)
+            plan.builder.output_roles[name] = [record.node, "arriving"]
+            outputs.append((name, _sample_total(plan.builder, record.arriving, f"{record.node}__arr_sum")))
     return outputs
 
 
@@ -303,7 +320,7 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
     lib = library()
     opset = default_opset(view.model)
     start = "start_relevance" if chosen.signal == "relevance" else "start_gradient"
-    (seed,) = builder.call(start, [explained, TARGET_INPUT], f"{explained}__R")
+    (seed,) = builder.call(start, [explained, builder.target_input], f"{explained}__R")
     contributions: dict[str, list[str]] = {explained: [seed]}
     records: list[RuleRecord] = []
     unsupported: list[tuple[str, str, str]] = []
@@ -391,7 +408,7 @@ def _finish_inputs(view: GraphView, chosen: Composite, contributions: dict[str, 
                    builder: _Builder, reference: dict[str, str] | None) -> None:
     """Produce ``<input>_relevance`` for every float input."""
     for vi in view.float_inputs:
-        target = vi.name + RELEVANCE_SUFFIX
+        target = builder.relevance_outputs[vi.name]
         parts = contributions.get(vi.name)
         if not parts:
             (zeros,) = builder.call("zeros_like", [vi.name], f"{target}__zeros")
@@ -418,14 +435,14 @@ def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], cho
     float_inputs = view.float_inputs
     batch = float_inputs[0].type.tensor_type.shape.dim[0] if float_inputs and \
         float_inputs[0].type.tensor_type.shape.dim else None
-    target = helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, ["N"])
+    target = helper.make_tensor_value_info(builder.target_input, TensorProto.INT64, ["N"])
     if batch is not None:
         target.type.tensor_type.shape.dim[0].CopyFrom(batch)
     graph.input.append(target)
     for vi in float_inputs:
         out = onnx.ValueInfoProto()
         out.CopyFrom(vi)
-        out.name = vi.name + RELEVANCE_SUFFIX
+        out.name = builder.relevance_outputs[vi.name]
         if out.type.tensor_type.elem_type not in FLOAT_TYPES:  # a raw integer image: relevance as float32
             out.type.tensor_type.elem_type = TensorProto.FLOAT
         graph.output.append(out)
@@ -434,7 +451,8 @@ def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], cho
         graph.node.append(helper.make_node("Identity", [tensor], [name], name=builder.fresh(f"lrp/{name}")))
         elem = float_inputs[0].type.tensor_type.elem_type if float_inputs else TensorProto.FLOAT
         graph.output.append(helper.make_tensor_value_info(
-            name, elem if elem in FLOAT_TYPES else TensorProto.FLOAT, [None, None] if name == BIAS_OUTPUT else [None]))
+            name, elem if elem in FLOAT_TYPES else TensorProto.FLOAT,
+            [None, None] if builder.output_roles.get(name) == ["", "bias"] else [None]))
     opset = default_opset(source)
     functions = []
     # per-node parameters (a user composite's overrides) count too
@@ -460,7 +478,11 @@ def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], cho
         "onnxlrp.canonicalizations": json.dumps(applied),
         "onnxlrp.rules": json.dumps([r.public() for r in records]),
         "onnxlrp.layer_outputs": json.dumps([name for name, _ in layers]),
+        "onnxlrp.target_input": builder.target_input,
+        "onnxlrp.relevance_outputs": json.dumps(builder.relevance_outputs),
     }
+    if layers:
+        meta["onnxlrp.output_roles"] = json.dumps(builder.output_roles)
     if chosen.source_text is not None:
         meta["onnxlrp.composite_file"] = chosen.source_text
     for key, value in meta.items():
@@ -492,3 +514,28 @@ def _copy_with_opset(function: onnx.FunctionProto, opset: int) -> onnx.FunctionP
         if imp.domain == "":
             imp.version = max(imp.version, opset)
     return copy
+
+
+@dataclass(frozen=True)
+class Interface:
+    """The names a compiled model's caller needs (from its metadata; older models: the default names)."""
+
+    target_input: str
+    relevance_outputs: dict[str, str]  # float input -> relevance output
+    output_roles: dict[str, list[str]]  # layer / bias output -> [node, "passed" | "arriving" | "bias"]
+
+    @classmethod
+    def of(cls, compiled: onnx.ModelProto) -> Interface:
+        meta = {p.key: p.value for p in compiled.metadata_props}
+        outputs = {o.name for o in compiled.graph.output}
+        relevance = json.loads(meta["onnxlrp.relevance_outputs"]) if "onnxlrp.relevance_outputs" in meta else {
+            o[: -len(RELEVANCE_SUFFIX)]: o for o in outputs if o.endswith(RELEVANCE_SUFFIX) and o != BIAS_OUTPUT}
+        roles = json.loads(meta.get("onnxlrp.output_roles", "{}"))
+        if not roles:
+            for name in json.loads(meta.get("onnxlrp.layer_outputs", "[]")):
+                for prefix, kind in ((LAYER_PREFIX, "passed"), (ARRIVING_PREFIX, "arriving")):
+                    if name.startswith(prefix):
+                        roles[name] = [name[len(prefix):], kind]
+                if name == BIAS_OUTPUT:
+                    roles[name] = ["", "bias"]
+        return cls(meta.get("onnxlrp.target_input", TARGET_INPUT), relevance, roles)

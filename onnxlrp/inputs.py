@@ -40,7 +40,9 @@ class InputSpec:
 def input_spec(model: onnx.ModelProto, size: tuple[int, int] | None = None) -> InputSpec:
     """The model's image input (the first non-weight input), with --size filling dynamic height/width."""
     weights = {t.name for t in model.graph.initializer}
-    inputs = [vi for vi in model.graph.input if vi.name not in weights and vi.name != "target"]
+    meta = {p.key: p.value for p in model.metadata_props}
+    target = meta.get("onnxlrp.target_input", "target") if "onnxlrp.version" in meta else None  # a compiled model
+    inputs = [vi for vi in model.graph.input if vi.name not in weights and vi.name != target]
     if not inputs:
         raise OnnxlrpError("the model has no input")
     vi = inputs[0]

@@ -40,13 +40,14 @@ def baseline_value(vi: onnx.ValueInfoProto, baseline, source: str) -> np.ndarray
     return array
 
 
-def reference_forward(view: GraphView, baseline, source: str) -> tuple[list[onnx.NodeProto], dict[str, str],
-                                                                          list, list]:
-    """(cloned nodes, activation -> reference tensor, baseline graph inputs, their default initializers)."""
+def reference_forward(view: GraphView, baseline, source: str, fresh=lambda name: name
+                      ) -> tuple[list[onnx.NodeProto], dict[str, str], list, list]:
+    """(cloned nodes, activation -> reference tensor, baseline graph inputs, their default initializers).
+    fresh(hint) returns a name unused in the graph (``hint`` itself when free)."""
     reference: dict[str, str] = {}
     inputs, defaults = [], []
     for vi in view.float_inputs:
-        name = vi.name + BASELINE_SUFFIX
+        name = fresh(vi.name + BASELINE_SUFFIX)
         reference[vi.name] = name
         value = baseline_value(vi, baseline, source)
         typed = onnx.ValueInfoProto()
@@ -65,12 +66,12 @@ def reference_forward(view: GraphView, baseline, source: str) -> tuple[list[onnx
             continue
         clone = onnx.NodeProto()
         clone.CopyFrom(node)
-        clone.name = f"{node.name}__ref"
+        clone.name = fresh(f"{node.name}__ref")
         for k, name in enumerate(clone.input):
             if name in renamed:
                 clone.input[k] = renamed[name]
         for k, name in enumerate(clone.output):
             if name:
-                renamed[name] = clone.output[k] = f"{name}__ref"
+                renamed[name] = clone.output[k] = fresh(f"{name}__ref")
         nodes.append(clone)
     return nodes, {a: renamed[a] for a in view.activations if a in renamed}, inputs, defaults

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import onnx
 
-from .compile import ARRIVING_PREFIX, LAYER_PREFIX, Plan
+from .compile import ARRIVING_PREFIX, LAYER_PREFIX, Interface, Plan
+from .errors import OnnxlrpError
 
 #: Rules that pass on exactly the relevance they receive, up to the stabilizer (ε = 1e-6).
 CONSERVING = {"pass", "gradient", "norm", "flat", "taylor", "identity"}
@@ -67,9 +68,10 @@ def random_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[
     """Random inputs for every graph input (dynamic batch -> ``batch``); ValueError for other dynamic dims."""
     rng = np.random.default_rng(seed)
     weights = {t.name for t in model.graph.initializer}
+    target = Interface.of(model).target_input
     feeds = {}
     for vi in model.graph.input:
-        if vi.name in weights or vi.name == "target":
+        if vi.name in weights or vi.name == target:
             continue
         dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
         shape = [batch if (i == 0 and d is None) else d for i, d in enumerate(dims)]
@@ -83,16 +85,19 @@ def random_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[
     return feeds
 
 
-def conservation_rows(rules: list[dict], values: dict[str, np.ndarray], signal: str) -> list[dict]:
-    """Per rule application (``rules``: the compiled model's ``onnxlrp.rules`` metadata): relevance received and
-    passed on (mean over the batch), drift, and a flag."""
+def conservation_rows(rules: list[dict], values: dict[str, np.ndarray], signal: str,
+                      roles: dict[str, list[str]] | None = None) -> list[dict]:
+    """Per rule application (``rules``: the compiled model's ``onnxlrp.rules`` metadata; ``roles``: its layer
+    outputs, see compile.Interface; default: the usual names): relevance received and passed on (mean over the
+    batch), drift, and a flag."""
+    outputs = {(node, kind): name for name, (node, kind) in roles.items()} if roles is not None else {}
     rows = []
     for record in rules:
         node, op, rule = record["node"], record["op"], record["rule"]
-        name = LAYER_PREFIX + node
+        name = outputs.get((node, "passed"), LAYER_PREFIX + node)
         if name not in values:
             continue
-        arriving = float(values[ARRIVING_PREFIX + node].mean())
+        arriving = float(values[outputs.get((node, "arriving"), ARRIVING_PREFIX + node)].mean())
         passed = float(values[name].mean())
         drift = (passed - arriving) / max(abs(arriving), 1e-12)
         conserving = rule in CONSERVING and op not in DROPPING_OPS
@@ -116,3 +121,27 @@ def conservation_text(rows: list[dict], start: float, total: float) -> str:
     flagged = sum(1 for r in rows if r["flag"])
     return (f"{table}\n\nstart relevance (mean over the batch): {start:.6g}; input relevance: {total:.6g}; "
             f"{flagged} layer(s) flagged")
+
+
+def check_report(model, composite: str, explain_output: str | None, options: dict) -> tuple[str, int]:
+    """`compile --check`: compile with per-layer totals, run once on random input; (the conservation table, the
+    number of flagged layers: conserving rules that lose or create more than DRIFT_TOLERANCE)."""
+    from .compile import compile_model
+    from .runtime import make_session
+    checked = compile_model(model, composite, explain_output=explain_output, emit_layers="check", **options)
+    interface = Interface.of(checked)
+    try:
+        feeds = random_feeds(checked)
+    except ValueError as exc:
+        raise OnnxlrpError(f"{model}: --check: {exc}") from None
+    feeds[interface.target_input] = np.full(next(iter(feeds.values())).shape[0], -1, dtype=np.int64)
+    session = make_session(checked)
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(names, feeds)))
+    meta = {p.key: p.value for p in checked.metadata_props}
+    rows = conservation_rows(json.loads(meta["onnxlrp.rules"]), values, meta["onnxlrp.signal"],
+                             interface.output_roles)
+    start = rows[-1]["arriving"] if rows else 0.0
+    total = float(np.mean(sum(values[o].reshape(len(values[o]), -1).sum(1)
+                              for o in interface.relevance_outputs.values())))
+    return conservation_text(rows, start, total), sum(1 for r in rows if r["flag"])

@@ -138,16 +138,18 @@ class Explainer:
         return explainer
 
     def _setup(self, compiled: onnx.ModelProto, providers: list[str] | None) -> None:
-        from .compile import RELEVANCE_SUFFIX, TARGET_INPUT
+        from .compile import Interface
         self.compiled = compiled
         self.session = make_session(self.compiled, providers)
-        self._target = TARGET_INPUT
+        interface = Interface.of(compiled)  # names in the metadata (target_1 where the model has a target)
+        self._target = interface.target_input
         defaults = {t.name for t in compiled.graph.initializer}  # e.g. a DeepLIFT baseline with a default
-        inputs = [i for i in self.session.get_inputs() if i.name != TARGET_INPUT and i.name not in defaults]
+        inputs = [i for i in self.session.get_inputs() if i.name != self._target and i.name not in defaults]
         self.input_names = [i.name for i in inputs]
         outputs = [o.name for o in self.session.get_outputs()]
-        self.relevance_names = [o for o in outputs if o.endswith(RELEVANCE_SUFFIX)
-                                and o[: -len(RELEVANCE_SUFFIX)] in self.input_names]
+        self._relevance_of = {out: name for name, out in interface.relevance_outputs.items()
+                              if name in self.input_names and out in outputs}
+        self.relevance_names = [o for o in outputs if o in self._relevance_of]
         self.output_names = [o for o in outputs if o not in self.relevance_names]
 
     @property
@@ -180,7 +182,7 @@ class Explainer:
         relevance = dict(zip(self.relevance_names, values[len(self.output_names):]))
         if len(relevance) == 1:
             return outputs, next(iter(relevance.values()))
-        return outputs, {k[: -len("_relevance")]: v for k, v in relevance.items()}
+        return outputs, {self._relevance_of[k]: v for k, v in relevance.items()}
 
     def _targets(self, target, batch: int) -> np.ndarray:
         if target is None:

@@ -351,3 +351,66 @@ def test_the_explainer_names_the_target_when_the_class_count_is_dynamic():
         explainer.explain(x, target=[1, 9])
     _, relevance = explainer.explain(x, target=[1, 7])
     assert np.isfinite(relevance).all() and relevance[1].any()
+
+
+# --- names the compiler needs that the model already uses ------------------------------------------------------
+
+CLASHES = [({"x": "target"}, "target_1", {"target": "target_relevance"}),
+           ({"logits": "target"}, "target_1", {"x": "x_relevance"}),
+           ({"logits": "x_relevance"}, "target", {"x": "x_relevance_1"}),
+           ({"x": "bias_relevance"}, "target", {"bias_relevance": "bias_relevance_relevance"}),
+           ({"logits": "bias_relevance"}, "target", {"x": "x_relevance"}),
+           ({"logits": "logits__R"}, "target", {"x": "x_relevance"}),
+           ({"x": "layer_relevance__fc1"}, "target", {"layer_relevance__fc1": "layer_relevance__fc1_relevance"})]
+
+
+@pytest.mark.parametrize("names,target,relevance", CLASHES, ids=[str(n) for n, _, _ in CLASHES])
+def test_clashing_names_get_unique_ones_recorded_in_the_metadata(names, target, relevance):
+    """The compiled model's own names become <name>_1 where the model uses them; the metadata says which, and the
+    Explainer and --check follow it. The original outputs keep their names and values."""
+    model = mlp(names=names)
+    compiled = onnxlrp.compile_model(model, "epsilon", bias_relevance="layers", emit_layers=True)
+    meta = {p.key: p.value for p in compiled.metadata_props}
+    assert meta["onnxlrp.target_input"] == target
+    assert json.loads(meta["onnxlrp.relevance_outputs"]) == relevance
+    outputs = [o.name for o in compiled.graph.output]
+    assert len(set(outputs)) == len(outputs) and outputs[0] == model.graph.output[0].name
+    roles = json.loads(meta["onnxlrp.output_roles"])
+    assert sorted(kind for _, kind in roles.values()) == ["bias"] + ["passed"] * 3
+    x = np.random.default_rng(30).standard_normal((2, 5)).astype(np.float32)
+    (x_name,) = relevance
+    out = run_compiled(compiled, {x_name: x, target: np.array([1, 2], np.int64)})
+    plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {x_name: x})
+    np.testing.assert_array_equal(out[outputs[0]], plain[0])
+    expected = onnxlrp.compile_model(mlp(), "epsilon")  # the same model with harmless names
+    reference = run_compiled(expected, {"x": x, "target": np.array([1, 2], np.int64)})["x_relevance"]
+    np.testing.assert_allclose(out[relevance[x_name]], reference, rtol=1e-6)
+    (bias,) = [name for name, (_, kind) in roles.items() if kind == "bias"]
+    np.testing.assert_allclose(out[relevance[x_name]].sum(1) + out[bias].sum(1),
+                               reference.sum(1) + run_compiled(onnxlrp.compile_model(mlp(), "epsilon",
+                               bias_relevance="layers"), {"x": x, "target": np.array([1, 2], np.int64)})[
+                                   "bias_relevance"].sum(1), rtol=1e-5)
+    explainer = onnxlrp.Explainer.from_compiled(compiled)
+    outputs, got = explainer.explain(x, target=[1, 2])
+    np.testing.assert_allclose(got, reference, rtol=1e-6)
+    assert model.graph.output[0].name in outputs
+
+
+@pytest.mark.parametrize("names", [{"x": "target"}, {"logits": "x_relevance"}], ids=str)
+def test_check_and_explain_follow_the_renamed_interface(tmp_path, names):
+    model = tmp_path / "m.onnx"
+    onnx.save(mlp(names=names), model)
+    result = run_cli("compile", model, "-o", tmp_path / "out.onnx", "--composite", "epsilon", "--check")
+    assert result.returncode == 0, result.stderr
+    assert "0 layer(s) flagged" in result.stdout
+    np.save(tmp_path / "in.npy", np.ones(5, np.float32))
+    result = run_cli("explain", model, tmp_path / "in.npy", "-o", tmp_path / "heat", "--composite", "epsilon")
+    assert result.returncode == 0, result.stderr
+    assert np.isfinite(np.load(tmp_path / "heat" / "in.npy")).all()
+
+
+def test_deeplift_baseline_input_avoids_a_taken_name():
+    compiled = onnxlrp.compile_model(mlp(names={"logits": "x_baseline"}), "deeplift")
+    assert [i.name for i in compiled.graph.input] == ["x", "target", "x_baseline_1"]
+    _, relevance = onnxlrp.Explainer.from_compiled(compiled).explain(np.ones((2, 5), np.float32))
+    assert np.isfinite(relevance).all()

@@ -245,6 +245,33 @@ def evaluate_command(model: Path, inputs: tuple[Path, ...], composites, lrn_rule
         sys.exit(1)
 
 
+@main.command("export-triton")
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.argument("repository", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", default=None, help="Model name in the repository [default: the model file's stem].")
+@click.option("--max-batch-size", type=click.IntRange(min=0), default=None,
+              help="Triton's max_batch_size (dynamic batching when > 0) [default: 16 for a model with a dynamic "
+                   "batch, 0 (full shapes) for a fixed one].")
+@click.option("--composite", default="epsilon_plus_flat", show_default=True, help=COMPOSITE_HELP)
+@rule_options
+@click.option("--explain-output", default=None, help="Output to explain [default: the first].")
+@click.option("--inline", is_flag=True, help="Inline the rule functions (plain ONNX graph, no local functions).")
+def export_triton_command(model: Path, repository: Path, name: str | None, max_batch_size: int | None,
+                          composite: str, explain_output: str | None, inline: bool, **options) -> None:
+    """Write a Triton Inference Server model repository: REPOSITORY/<name>/1/model.onnx (the compiled model) and
+    REPOSITORY/<name>/config.pbtxt (onnxruntime backend; inputs incl. target, outputs incl. relevance)."""
+    from .compile import compile_model
+    from .load import model_files
+    from .triton import export_triton, model_name
+    try:
+        compiled = compile_model(model, composite, explain_output=explain_output, inline=inline, **options)
+        written = export_triton(compiled, repository, name or model_name(model), str(model), max_batch_size,
+                                protected=model_files(model))
+    except OnnxlrpError as exc:
+        _fail(str(exc))
+    click.echo(f"wrote {', '.join(str(p) for p in written)} (composite {composite})")
+
+
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("--composite", default="epsilon_plus_flat", show_default=True, help=COMPOSITE_HELP)

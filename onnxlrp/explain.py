@@ -106,6 +106,7 @@ def explain_files(model: Path, inputs: list[Path], outdir: Path, composites: lis
         prepared.append((composite, compiled, explainer))
     spec = input_spec(prepared[0][1], size)
     _check_bounds(options, spec)
+    _check_pixels(spec, size, zoom)
     names = labels if labels is not None else model_labels(prepared[0][1])
     fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
     batch_size = fixed or batch_size  # a model with a fixed batch runs exactly that many at a time
@@ -183,6 +184,20 @@ def _channels(model: Path, size) -> int | None:
         return input_spec(onnx.load(str(model), load_external_data=False), size).channels
     except Exception:
         return None
+
+
+def _check_pixels(spec, size, zoom: int) -> None:
+    """--size and --zoom beyond Pillow's decompression-bomb limit (~89 million pixels) would exhaust the memory
+    (the process gets killed, with no message): refuse them with one line."""
+    from PIL import Image
+    if len(spec.shape) != 4 or None in spec.size:
+        return
+    (height, width), limit = spec.size, Image.MAX_IMAGE_PIXELS
+    if size is not None and height * width > limit:
+        raise OnnxlrpError(f"--size {height} {width}: {height * width} pixels per input, more than {limit}")
+    if zoom > 1 and height * width * zoom * zoom > limit:
+        raise OnnxlrpError(f"--zoom {zoom}: heatmaps of {height * zoom} x {width * zoom} pixels, more than {limit}; "
+                           f"give a smaller --zoom")
 
 
 def _pad_batch(x: np.ndarray, fixed: int | None) -> np.ndarray:

@@ -330,17 +330,21 @@ def test_same_stems_get_distinct_outputs_and_inputs_stay(space, cache):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
 
 
-@pytest.mark.parametrize("case", ["target", "normalize", "cmap", "new_parents"])
+@pytest.mark.parametrize("case", ["target", "normalize", "cmap", "new_parents", "zoom", "size"])
 def test_a_refused_explain_leaves_no_folder_behind(space, cache, case):
+    """Also: a --zoom or --size that would need more memory than Pillow's pixel limit (the process would be
+    killed without a word) is refused."""
     image = save_png(space / "x.png", size=(32, 32))
     out = space.parent / "out"
     args = {"target": ["--target", "10"], "normalize": ["--normalize", "a,b"], "cmap": ["--cmap", "nope"],
-            "new_parents": ["--target", "99"]}[case]
+            "new_parents": ["--target", "99"], "zoom": ["--zoom", "100000"],
+            "size": ["--size", "100000", "100000"]}[case]
     if case == "new_parents":
         out = space.parent / "a" / "b" / "out"
     before = digests(space)
     expected = {"target": "target 10 out of range", "normalize": "--normalize", "cmap": "colormap",
-                "new_parents": "target 99 out of range"}[case]
+                "new_parents": "target 99 out of range", "zoom": "--zoom 100000: heatmaps of 3200000 x 3200000",
+                "size": "--size 100000 100000: 10000000000 pixels per input"}[case]
     assert_refused(cli("explain", DIGITS, image, "-o", out, *args, cache=cache), expected)
     assert sorted(p.name for p in space.parent.iterdir()) == ["inputs"]
     unchanged(space, before)

@@ -53,6 +53,14 @@ COMPOSITE_HELP = (f"Rule preset: {', '.join(composite_names())}; or your own com
                   f"(format of rules/composites.toml, plus per-node overrides).")
 
 
+def float_rule_options(command):
+    """The float rule parameters alone (evaluate has its own, repeatable --lrn-rule)."""
+    for name, text in reversed(RULE_PARAMETERS.items()):
+        command = click.option(f"--{name}", type=Bounds() if name in ("low", "high") else float,
+                               default=DEFAULT_OPTIONS[name], show_default=True, help=text)(command)
+    return command
+
+
 def rule_options(command):
     """The rule parameters shared by compile and explain (Zennit's defaults)."""
     options = [click.option(f"--{name}", type=Bounds() if name in ("low", "high") else float,
@@ -211,29 +219,43 @@ def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, targets
               help="Composite to evaluate (repeat for several).")
 @click.option("--lrn-rule", "lrn_rules", multiple=True, default=["identity", "taylor"], show_default=True,
               help="LRN rule(s) to evaluate when the model has LRN layers (repeat for several).")
-@click.option("--steps", type=int, default=16, show_default=True, help="Points on the curve after the start.")
-@click.option("--patch", type=int, default=4, show_default=True, help="Patch size in pixels.")
-@click.option("--baseline", default="value", show_default=True, help="What flipped patches become: value, mean "
-              "(the channel mean) or blur (a 7x7 box blur).")
-@click.option("--baseline-value", type=float, default=0.0, show_default=True, help="The constant for value.")
+@click.option("--steps", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Points on the curve after the start.")
+@click.option("--patch", type=click.IntRange(min=1), default=4, show_default=True, help="Patch size in pixels.")
+@click.option("--fill", type=click.Choice(["mean", "value", "blur"]), default=None,
+              help="What flipped patches become: mean (each channel's mean), value (--fill-value) or blur (a 7x7 "
+                   "box blur)  [default: mean]")
+@click.option("--fill-value", type=float, default=None, help="The constant for --fill value  [default: 0]")
+@click.option("--baseline", "old_fill", type=click.Choice(["mean", "value", "blur"]), default=None, hidden=True,
+              help="Deprecated name of --fill (compile's --baseline is DeepLIFT's reference input).")
+@click.option("--baseline-value", "old_fill_value", type=float, default=None, hidden=True,
+              help="Deprecated name of --fill-value.")
 @click.option("--normalize", default="unit", show_default=True, help="As for explain.")
-@click.option("--size", type=(int, int), default=None, help="Input height and width when dynamic.")
-@click.option("--epsilon", type=float, default=DEFAULT_OPTIONS["epsilon"], show_default=True)
+@click.option("--size", type=(click.IntRange(min=1), click.IntRange(min=1)), default=None,
+              help="Input height and width when dynamic.")
 @click.option("-o", "--plot", "plot_path", type=click.Path(path_type=Path), default=Path("pixel_flipping.png"),
               show_default=True, help="Where to write the plot of the curves.")
+@float_rule_options
 def evaluate_command(model: Path, inputs: tuple[Path, ...], composites, lrn_rules, steps: int, patch: int,
-                     baseline: str, baseline_value: float, normalize: str, size, epsilon: float,
-                     plot_path: Path) -> None:
+                     fill: str | None, fill_value: float | None, old_fill: str | None, old_fill_value: float | None,
+                     normalize: str, size, plot_path: Path, **options) -> None:
     """Pixel flipping: AUC of the explained class's score as the most relevant patches are flipped first, for
-    each composite (and LRN rule), against gradient x input and a random order (lower AUC is better)."""
+    each composite (and LRN rule), against gradient x input and a random order (lower AUC is better). The rule
+    options apply to every composite evaluated."""
     from .evaluate import evaluate, plot, report
     from .inputs import expand_inputs
     from .load import model_files
     from .save import refuse_overwrite
+    for old, new, value in (("--baseline", "--fill", old_fill), ("--baseline-value", "--fill-value", old_fill_value)):
+        if value is not None:
+            click.echo(f"onnxlrp: warning: evaluate's {old} is deprecated, use {new} (compile's --baseline is "
+                       f"DeepLIFT's reference input)", err=True)
+    fill = fill or old_fill or "mean"
+    fill_value = fill_value if fill_value is not None else (old_fill_value if old_fill_value is not None else 0.0)
     try:
         refuse_overwrite(plot_path, model_files(model) + expand_inputs(list(inputs)), "plot")
         results, failures = evaluate(model, list(inputs), list(composites), list(lrn_rules), steps, patch,
-                                     baseline, baseline_value, normalize, size, epsilon=epsilon)
+                                     fill, fill_value, normalize, size, progress=sys.stderr.isatty(), **options)
         plot(results, plot_path, steps)
     except (OnnxlrpError, OSError) as exc:
         _fail(str(exc))

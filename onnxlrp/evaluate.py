@@ -5,6 +5,7 @@ explanation found what the model uses) is compared with a random ordering and wi
 All perturbed versions of one input (steps + 1 of them) go through one ONNX Runtime session as one batch."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def area_under_curve(curve: np.ndarray) -> float:
 
 
 def make_baseline(x: np.ndarray, kind: str, value: float, channels_last: bool) -> np.ndarray:
-    """value: a constant; mean: each channel's mean; blur: a 7x7 box blur of the input."""
+    """What flipped patches become (--fill): value: a constant; mean: each channel's mean (the default: a
+    constant 0 is itself a strong signal on normalised or [0, 1] images); blur: a 7x7 box blur of the input."""
     if kind == "value":
         return np.full_like(x, value)
     if kind == "mean":
@@ -70,7 +72,7 @@ def make_baseline(x: np.ndarray, kind: str, value: float, channels_last: bool) -
             n = x.shape[axis]
             blurred = (np.take(sums, range(7, n + 7), axis=axis) - np.take(sums, range(0, n), axis=axis)) / 7.0
         return blurred.astype(x.dtype)
-    raise OnnxlrpError(f"--baseline must be value, mean or blur, got {kind!r}")
+    raise OnnxlrpError(f"--fill must be value, mean or blur, got {kind!r}")
 
 
 @dataclass
@@ -108,11 +110,16 @@ def methods_for(composites: list[str], lrn_rules: list[str], model_has_lrn: bool
 
 
 def evaluate(model: Path, inputs: list[Path], composites: list[str], lrn_rules: list[str], steps: int = 16,
-             patch: int = 4, baseline: str = "value", baseline_value: float = 0.0, normalize: str = "unit",
-             size=None, seed: int = 0, **options) -> tuple[list[Curves], list[tuple[Path, str]]]:
-    """Pixel-flipping curves per method (relative score: score after k steps / score before)."""
+             patch: int = 4, fill: str = "mean", fill_value: float = 0.0, normalize: str = "unit",
+             size=None, seed: int = 0, progress: bool = False,
+             **options) -> tuple[list[Curves], list[tuple[Path, str]]]:
+    """Pixel-flipping curves per method (relative score: score after k steps / score before).
+
+    fill: what flipped patches become, ``mean`` (each channel's mean), ``value`` (``fill_value``) or ``blur``.
+    options: rule options of the composites (epsilon, gamma, ...). progress: a progress bar on stderr."""
     if steps < 1 or patch < 1:
         raise OnnxlrpError("--steps and --patch must be at least 1")
+    make_baseline(np.zeros((1, 1, 1), np.float32), fill, fill_value, False)  # a bad --fill fails first
     from .compile import IR_VERSION
     from .load import read_model
     proto = read_model(model)  # regular files only, external data and tensors checked, one-line errors
@@ -135,7 +142,11 @@ def evaluate(model: Path, inputs: list[Path], composites: list[str], lrn_rules: 
     target = scores.argmax(1)
     results = []
     rng = np.random.default_rng(seed)
-    for method in methods_for(composites, lrn_rules, has_lrn, **options):
+    methods = methods_for(composites, lrn_rules, has_lrn, **options)
+    from tqdm import tqdm
+    bar = tqdm(total=len(methods) * len(x), desc="pixel flipping", unit="input", file=sys.stderr, leave=False,
+               disable=not progress)
+    for method in methods:
         curves = Curves(method.label)
         if method.composite is not None:
             compiled, _ = compile_cached(model, method.composite, **method.options)
@@ -149,11 +160,13 @@ def evaluate(model: Path, inputs: list[Path], composites: list[str], lrn_rules: 
                 rel = relevance[i].sum(axis=-1 if spec.channels_last else 0) if relevance[i].ndim == 3 \
                     else relevance[i]
                 order = patch_order(rel, patch)
-            base = make_baseline(sample, baseline, baseline_value, spec.channels_last)
+            base = make_baseline(sample, fill, fill_value, spec.channels_last)
             batch = perturbed_batch(sample, base, order, patch, steps, spec.channels_last)
             values = forward.run([output], {spec.name: batch})[0].reshape(len(batch), -1)[:, target[i]]
             curves.curves.append(values / values[0] if values[0] != 0 else values)
+            bar.update(1)
         results.append(curves)
+    bar.close()
     return results, failures
 
 
@@ -171,10 +184,24 @@ def report(results: list[Curves]) -> str:
 
 
 def plot(results: list[Curves], path: Path, steps: int) -> None:
+    """Write the mean curves (legend beside the axes, never over the curves) to a .png/.pdf/.svg file."""
+    import matplotlib.pyplot as plt
+    fig = figure(results, steps)
+    from .save import write_file_atomically
+    fmt = Path(path).suffix[1:].lower() or "png"
+    if fmt not in fig.canvas.get_supported_filetypes():
+        plt.close(fig)
+        raise OnnxlrpError(f"{path}: cannot write a plot of type {fmt!r} (use .png, .pdf or .svg)")
+    write_file_atomically(Path(path), lambda handle: fig.savefig(handle, format=fmt, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def figure(results: list[Curves], steps: int):
+    """The matplotlib figure of the mean curves, with the legend outside the axes on the right."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=100)
     fractions = np.linspace(0, 1, steps + 1)
     for r in results:
         ax.plot(fractions, r.mean, label=f"{r.label} (AUC {r.aucs.mean():.3f})",
@@ -182,12 +209,6 @@ def plot(results: list[Curves], path: Path, steps: int) -> None:
     ax.set_xlabel("fraction of patches flipped (most relevant first)")
     ax.set_ylabel("relative score of the explained class")
     ax.set_title("pixel flipping")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # beside the curves
     fig.tight_layout()
-    from .save import write_file_atomically
-    fmt = Path(path).suffix[1:].lower() or "png"
-    if fmt not in fig.canvas.get_supported_filetypes():
-        plt.close(fig)
-        raise OnnxlrpError(f"{path}: cannot write a plot of type {fmt!r} (use .png, .pdf or .svg)")
-    write_file_atomically(Path(path), lambda handle: fig.savefig(handle, format=fmt))
-    plt.close(fig)
+    return fig

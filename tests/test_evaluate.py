@@ -30,7 +30,7 @@ def test_auc_on_a_toy_model_known_by_hand(tmp_path):
     model = _toy(tmp_path / "toy.onnx")
     np.save(tmp_path / "ones.npy", np.ones((1, 2, 2), np.float32))
     results, failures = evaluate(model, [tmp_path / "ones.npy"], ["epsilon"], ["identity"], steps=4, patch=1,
-                                 epsilon=0.0)
+                                 fill="value", epsilon=0.0)
     assert not failures
     by_label = {r.label: r for r in results}
     # LRP-0 relevance = w * x = [4, 3, 2, 1]; flipping in that order leaves scores 10, 6, 3, 1, 0
@@ -60,7 +60,7 @@ def test_evaluate_cli_on_digits(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "onnxlrp.cli", "evaluate", str(ROOT / "models" / "digits_lrn.onnx"),
          str(ROOT / "models" / "samples"), "--composite", "epsilon_plus_flat", "--steps", "8", "--patch", "4",
-         "--baseline", "mean", "-o", str(plot)], capture_output=True, text=True,
+         "--fill", "mean", "-o", str(plot)], capture_output=True, text=True,
         env={**__import__("os").environ, "ONNXLRP_CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

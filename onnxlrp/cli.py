@@ -78,6 +78,25 @@ class _OneLineErrors(click.Group):
     """Never a traceback: an exception that escapes a command (input nobody foresaw, or a bug) is one line
     `onnxlrp: error: ...` with exit code 2. ONNXLRP_DEBUG=1 lets it through with its traceback."""
 
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Usage errors (a bad option value, a missing argument) are one line too, with exit code 2."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # plain `onnxlrp`: the help text
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else "onnxlrp"
+            _fail(f"{exc.format_message()} (see {command} --help)")
+        except click.ClickException as exc:
+            _fail(exc.format_message())
+        except click.Abort:
+            click.echo("onnxlrp: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

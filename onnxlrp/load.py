@@ -140,7 +140,7 @@ def refuse_compiled(model: onnx.ModelProto, source: str) -> None:
     if "onnxlrp.version" in meta:
         raise OnnxlrpError(f"{source}: is already an explaining model compiled by onnxlrp "
                            f"{meta['onnxlrp.version']} (composite {meta.get('onnxlrp.composite', '?')}); "
-                           f"give the original model")
+                           f"give the original model (to run this one: onnxruntime, or Explainer.from_compiled)")
 
 
 def default_opset(model: onnx.ModelProto) -> int:

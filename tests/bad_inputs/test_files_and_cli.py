@@ -615,3 +615,13 @@ def test_a_bad_deeplift_baseline_file_is_one_line(space, case):
                    expected)
     assert not out.exists() and not (space.parent / "UNPICKLED").exists()
     unchanged(space, before)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["compile"], "Missing argument 'MODEL'"), (["explain", "m.onnx"], "Missing argument 'INPUTS...'"),
+    (["compile", "m.onnx", "--epsilon", "abc"], "Invalid value for '--epsilon': 'abc' is not a valid float"),
+    (["explain", "m.onnx", "x.png", "--target", "2.7"], "'2.7' is not a valid integer"),
+    (["compile", "m.onnx", "--nope"], "No such option '--nope'"), (["frobnicate"], "No such command")])
+def test_usage_errors_are_one_line_too(args, fragment):
+    line = assert_refused(cli(*args), fragment)
+    assert line.endswith("--help)")

@@ -343,14 +343,19 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
             continue
         fusion = fusions.get(index)
         if spec is None or rule is None:
-            why = "" if spec is None else f"no rule for category {record.category!r} in composite {chosen.name}"
+            why = unsupported_reason(view, index) if spec is None else \
+                f"no rule for category {record.category!r} in composite {chosen.name}"
             unsupported.append((name, node.op_type, why))
             continue
         for y, out in enumerate(node.output):
             if fusion is not None and y == 0:
                 out = fusion.output
             if out not in contributions:
-                continue
+                if not (unsupported and view.consumers.get(out)):
+                    continue
+                # relevance is blocked by an unsupported node downstream: bind anyway (a placeholder relevance;
+                # the plan is never assembled) so that every unsupported node is listed, not just the last one
+                contributions[out] = [BLOCKED]
             relevance = builder.total(contributions[out], f"{out}__R")
             record.arriving.append(relevance)
             for x in view.activation_inputs(index):
@@ -385,8 +390,24 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                 record.passed.append(r_x)
                 contributions.setdefault(node.input[x], []).append(r_x)
     records.reverse()
+    unsupported[:] = list(dict.fromkeys(unsupported))  # one entry per node and reason
     _finish_inputs(view, chosen, contributions, builder, reference)
     return records, unsupported
+
+
+BLOCKED = "__blocked_by_an_unsupported_node__"
+
+
+def unsupported_reason(view: GraphView, index: int) -> str:
+    """Why no rule covers a node on the relevance path (one that ops.toml does not list)."""
+    node = view.nodes[index]
+    inner = view.subgraph_activations(index)
+    if inner:
+        return f"reads activation {inner[0]!r} inside its subgraph ({node.op_type} is not supported)"
+    if node.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                        "QLinearMatMul", "ConvInteger", "MatIntegerMul", "MatMulInteger"):
+        return "a quantized (QDQ) path: no rule for this op"
+    return f"no rule for op {node.op_type}"
 
 
 def _unbroadcast(view: GraphView, x: str, y: str, r_x: str, builder: _Builder) -> str:

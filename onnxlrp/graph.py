@@ -10,6 +10,8 @@ import onnx
 from onnx import TensorProto
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+#: Ops whose integer output still carries the activation's values (a quantized copy): the path goes on through them.
+VALUE_CARRYING_OPS = {"QuantizeLinear", "DynamicQuantizeLinear"}
 
 
 @dataclass
@@ -31,6 +33,7 @@ class GraphView:
     consumers: dict[str, list[int]] = field(init=False)
     initializers: dict[str, onnx.TensorProto] = field(init=False)
     activations: set[str] = field(init=False)
+    subgraph_reads: dict[int, list[str]] = field(init=False)  # outer-scope names read inside a node's subgraphs
     _nonneg: dict[str, bool] = field(init=False, default_factory=dict)  # memo of nonnegative()
 
     def __post_init__(self) -> None:
@@ -42,7 +45,7 @@ class GraphView:
             self.info[vi.name] = _tensor_info(vi)
         for t in graph.initializer:
             self.info[t.name] = TensorInfo(t.data_type, list(t.dims))
-        self.producer, self.consumers = {}, {}
+        self.producer, self.consumers, self.subgraph_reads = {}, {}, {}
         for i, node in enumerate(self.nodes):
             for j, out in enumerate(node.output):
                 if out:
@@ -50,6 +53,12 @@ class GraphView:
             for inp in node.input:
                 if inp:
                     self.consumers.setdefault(inp, []).append(i)
+            inner = _outer_scope_reads(node)
+            if inner:
+                self.subgraph_reads[i] = inner
+                for name in inner:
+                    if i not in self.consumers.get(name, []):
+                        self.consumers.setdefault(name, []).append(i)
         self.activations = self._find_activations()
 
     @property
@@ -72,12 +81,17 @@ class GraphView:
     def _find_activations(self) -> set[str]:
         """Float tensors that depend on a float graph input (everything else is a constant or shape data)."""
         active = {vi.name for vi in self.float_inputs}
-        for node in self.nodes:
-            if any(i in active for i in node.input if i):
+        for i, node in enumerate(self.nodes):
+            if any(name in active for name in list(node.input) + self.subgraph_reads.get(i, []) if name):
                 for out in node.output:
-                    if out and self.info.get(out, TensorInfo()).elem_type in FLOAT_TYPES | {0}:
+                    if out and (self.info.get(out, TensorInfo()).elem_type in FLOAT_TYPES | {0}
+                                or node.op_type in VALUE_CARRYING_OPS):
                         active.add(out)
         return active
+
+    def subgraph_activations(self, index: int) -> list[str]:
+        """Activations that the node reads inside its subgraphs (If branches, Loop/Scan bodies)."""
+        return [name for name in self.subgraph_reads.get(index, []) if name in self.activations]
 
     def activation_inputs(self, index: int) -> list[int]:
         """Positions of the node's inputs that carry activations."""
@@ -86,8 +100,8 @@ class GraphView:
     def relevance_path(self, target: str) -> list[int]:
         """Nodes through which relevance flows from ``target`` back to the inputs, in topological order."""
         flow = nx.DiGraph()
-        for node in self.nodes:
-            for inp in node.input:
+        for i, node in enumerate(self.nodes):
+            for inp in list(node.input) + self.subgraph_reads.get(i, []):
                 if inp in self.activations:
                     for out in node.output:
                         if out in self.activations:
@@ -96,7 +110,8 @@ class GraphView:
             return []
         upstream = nx.ancestors(flow, target) | {target}
         return [i for i, node in enumerate(self.nodes)
-                if any(o in upstream for o in node.output) and self.activation_inputs(i)]
+                if any(o in upstream for o in node.output)
+                and (self.activation_inputs(i) or self.subgraph_activations(i))]
 
     def fill_shapes(self, shapes: dict[str, list[int | None] | None]) -> None:
         """Complete unknown dimensions with probed ones (see shapes.probe_shapes)."""
@@ -172,6 +187,20 @@ class GraphView:
         """The node's name (canonicalisation gives every node one)."""
         node = self.nodes[index]
         return node.name or f"{node.op_type}_{index}"
+
+
+def _outer_scope_reads(node: onnx.NodeProto) -> list[str]:
+    """Names that the node's subgraphs (If branches, Loop/Scan bodies, recursively) read from enclosing scopes."""
+    reads: list[str] = []
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            local = {vi.name for vi in graph.input} | {t.name for t in graph.initializer}
+            local |= {o for n in graph.node for o in n.output if o}
+            for inner in graph.node:
+                for name in list(inner.input) + _outer_scope_reads(inner):
+                    if name and name not in local and name not in reads:
+                        reads.append(name)
+    return reads
 
 
 def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo:

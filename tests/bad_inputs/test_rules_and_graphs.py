@@ -414,3 +414,106 @@ def test_deeplift_baseline_input_avoids_a_taken_name():
     assert [i.name for i in compiled.graph.input] == ["x", "target", "x_baseline_1"]
     _, relevance = onnxlrp.Explainer.from_compiled(compiled).explain(np.ones((2, 5), np.float32))
     assert np.isfinite(relevance).all()
+
+
+# --- subgraphs, quantized paths and every unsupported node -----------------------------------------------------
+
+def _vi(name: str, elem: int = TensorProto.FLOAT, shape=("N", 4)) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, list(shape))
+
+
+def _model(nodes, inputs, outputs, weights) -> onnx.ModelProto:
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs,
+                                                [numpy_helper.from_array(v, k) for k, v in weights.items()]),
+                              opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+WEIGHT = np.random.default_rng(40).standard_normal((4, 4)).astype(np.float32)
+
+
+def if_model(constant_condition: bool) -> onnx.ModelProto:
+    """fc -> If (then: Relu(h), else: Neg(h)); the branches read the activation h from the outer graph."""
+    then_branch = helper.make_graph([helper.make_node("Relu", ["h"], ["t"], name="then_relu")], "then", [],
+                                    [_vi("t")])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["h"], ["e"], name="else_neg")], "else", [],
+                                    [_vi("e")])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch,
+                              name="branch")]
+    weights = {"w": WEIGHT}
+    inputs = [_vi("x")]
+    if constant_condition:
+        weights["cond"] = np.array(True)
+    else:
+        inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    return _model(nodes, inputs, [_vi("y")], weights)
+
+
+def loop_model() -> onnx.ModelProto:
+    """fc -> Loop whose body adds the activation h to its carried value (h read from the outer scope)."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["acc", "h"], ["acc_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), _vi("acc")],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), _vi("acc_out")])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+             helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body, name="repeat")]
+    return _model(nodes, [_vi("x"), helper.make_tensor_value_info("trips", TensorProto.INT64, [])], [_vi("y")],
+                  {"w": WEIGHT})
+
+
+def qdq_model() -> onnx.ModelProto:
+    """fc -> QuantizeLinear -> DequantizeLinear -> Erf: three unsupported nodes in a row."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+             helper.make_node("QuantizeLinear", ["h", "scale", "zero"], ["q"], name="quant"),
+             helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["dq"], name="dequant"),
+             helper.make_node("Erf", ["dq"], ["y"], name="erf")]
+    return _model(nodes, [_vi("x")], [_vi("y")], {"w": WEIGHT, "scale": np.array(0.1, np.float32),
+                                                  "zero": np.array(0, np.int8)})
+
+
+def attention_behind_erf_model() -> onnx.ModelProto:
+    """A MatMul of two activations (no template) behind an Erf (no rule): both are listed."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="fc"),
+             helper.make_node("MatMul", ["a", "z"], ["b"], name="scores"),
+             helper.make_node("Erf", ["b"], ["y"], name="erf")]
+    return _model(nodes, [_vi("x"), _vi("z", shape=(4, 4))], [_vi("y")], {"w": WEIGHT})
+
+
+UNSUPPORTED = {
+    "if": (if_model(False), ["branch (If: reads activation 'h' inside its subgraph"]),
+    "loop": (loop_model(), ["repeat (Loop: reads activation 'h' inside its subgraph"]),
+    "qdq": (qdq_model(), ["erf (Erf: no rule for op Erf)", "dequant (DequantizeLinear: a quantized (QDQ) path",
+                          "quant (QuantizeLinear: a quantized (QDQ) path"]),
+    "behind": (attention_behind_erf_model(), ["erf (Erf", "scores (MatMul: MatMul of two activations"]),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSUPPORTED))
+def test_every_unsupported_node_is_refused_by_name(tmp_path, case):
+    model, fragments = UNSUPPORTED[case]
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    before = digests(tmp_path)
+    result = run_cli("compile", path, "-o", tmp_path / "out.onnx")
+    assert_refused(result, str(path), f"{len(fragments)} unsupported node(s)", *fragments)
+    assert digests(tmp_path) == before
+    result = run_cli("inspect", path)
+    assert result.returncode == 2 and f"unsupported: {len(fragments)} node(s)" in result.stdout
+    listed = result.stdout.split("unsupported:")[1]
+    for fragment in fragments:
+        name, op = fragment.split(" (")[0], fragment.split("(")[1].split(":")[0].rstrip(")")
+        assert f"{name} ({op})" in listed
+
+
+def test_an_if_with_a_constant_condition_is_inlined_and_explained():
+    compiled = onnxlrp.compile_model(if_model(True), "epsilon", epsilon=0.0)
+    meta = {p.key: p.value for p in compiled.metadata_props}
+    assert [r["op"] for r in json.loads(meta["onnxlrp.rules"])] == ["MatMul", "Relu"]
+    x = np.random.default_rng(41).standard_normal((3, 4)).astype(np.float32)
+    out = run_compiled(compiled, {"x": x, "target": np.array([0, 1, 2], np.int64)})
+    h = x.astype(np.float64) @ WEIGHT
+    r = np.maximum(h, 0) * np.eye(4)[[0, 1, 2]]
+    np.testing.assert_allclose(out["x_relevance"], x * (safe_div(r, h) @ WEIGHT.T), rtol=1e-4, atol=1e-6)

@@ -18,7 +18,11 @@ CPU = "CPUExecutionProvider"
 
 
 def _ort():
-    import onnxruntime
+    try:
+        import onnxruntime
+    except ImportError:
+        from .ort_install import missing_message
+        raise OnnxlrpError(missing_message()) from None
     return onnxruntime
 
 

@@ -119,6 +119,10 @@ class _OneLineErrors(click.Group):
 @click.version_option(__version__, prog_name="onnxlrp")
 def main() -> None:
     """Compile ONNX models into ONNX models that also explain their predictions (LRP)."""
+    import warnings
+
+    from .diagnostics import show_warning
+    warnings.showwarning = show_warning  # onnxlrp's warnings as one line `onnxlrp: warning: ...` on stderr
 
 
 @main.command("compile")

@@ -15,6 +15,7 @@ from . import __version__
 from .bindings import RULE_PARAMETER_PREFIX, VARIANTS, BindContext, NoRelevance, Unsupported, bind, make_attribute
 from .canonical import canonicalize
 from .composites import Composite, assign_rules, get_composite, node_category, node_overrides, validate_options
+from .diagnostics import cancelling_sums, warn
 from .errors import OnnxlrpError, UnsupportedError
 from .fusion import find_fusions
 from .graph import FLOAT_TYPES, GraphView
@@ -116,6 +117,7 @@ class Plan:
     explained_output: str
     baseline_inputs: list = field(default_factory=list)
     baseline_defaults: list = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # see diagnostics.py
 
 
 def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
@@ -160,6 +162,8 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     compiled.graph.input.extend(plan.baseline_inputs)
     compiled.graph.initializer.extend(plan.baseline_defaults)
     compiled.metadata_props.add(key="onnxlrp.explained_output", value=plan.explained_output)
+    compiled.metadata_props.add(key="onnxlrp.warnings", value=json.dumps(plan.warnings))
+    warn(plan.warnings, plan.source)
     if columns:
         compiled.metadata_props.add(key="onnxlrp.bias_relevance", value=json.dumps(columns))
     if inline:
@@ -212,8 +216,9 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
         builder.taken.update(o for n in nodes for o in n.output)
     records, unsupported = _walk(view, path, rules, chosen, params, explained, builder, reference, per_node)
     output = explain_output or view.model.graph.output[0].name
+    findings = cancelling_sums(view, path, rules, {i: node_category(view, i) for i in path})
     return Plan(source, view, builder, records, unsupported, chosen, params, applied, output, baseline_inputs,
-                baseline_defaults)
+                baseline_defaults, findings)
 
 
 def _reserve(view: GraphView, builder: _Builder) -> None:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import onnx
 
 from .compile import ARRIVING_PREFIX, LAYER_PREFIX, Interface, Plan
+from .diagnostics import OnnxlrpWarning
 from .errors import OnnxlrpError
 
 #: Rules that pass on exactly the relevance they receive, up to the stabilizer (ε = 1e-6).
@@ -38,6 +40,9 @@ def inspect_text(plan: Plan) -> str:
              f"canonicalizations: {', '.join(plan.canonicalizations) or 'none'}",
              f"relevance path: {len(plan.records)} nodes", "",
              _table(header, rows), ""]
+    if plan.warnings:
+        parts.append(f"warnings: {len(plan.warnings)}")
+        parts += [f"  {w}" for w in plan.warnings]
     if plan.unsupported:
         parts.append(f"unsupported: {len(plan.unsupported)} node(s)")
         parts += [f"  {name} ({op}){': ' + why if why else ''}" for name, op, why in plan.unsupported]
@@ -128,7 +133,9 @@ def check_report(model, composite: str, explain_output: str | None, options: dic
     number of flagged layers: conserving rules that lose or create more than DRIFT_TOLERANCE)."""
     from .compile import compile_model
     from .runtime import make_session
-    checked = compile_model(model, composite, explain_output=explain_output, emit_layers="check", **options)
+    with warnings.catch_warnings():  # the compile itself has already issued them
+        warnings.simplefilter("ignore", OnnxlrpWarning)
+        checked = compile_model(model, composite, explain_output=explain_output, emit_layers="check", **options)
     interface = Interface.of(checked)
     try:
         feeds = random_feeds(checked)

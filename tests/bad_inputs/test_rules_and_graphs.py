@@ -517,3 +517,79 @@ def test_an_if_with_a_constant_condition_is_inlined_and_explained():
     h = x.astype(np.float64) @ WEIGHT
     r = np.maximum(h, 0) * np.eye(4)[[0, 1, 2]]
     np.testing.assert_allclose(out["x_relevance"], x * (safe_div(r, h) @ WEIGHT.T), rtol=1e-4, atol=1e-6)
+
+
+# --- parallel linear branches under the norm rule (RepVGG in training form) --------------------------------------
+
+def repvgg_block(fused: bool = False, residual: bool = False, c: int = 4) -> onnx.ModelProto:
+    """stem Conv -> Relu -> [Conv3x3 + BN, Conv1x1 + BN, BN] summed by two Adds -> Relu -> GAP -> Gemm.
+    fused: one Conv3x3 instead of the three branches; residual: a ResNet block (r0 + BN(Conv(Relu(BN(Conv(r0))))))."""
+    rng = np.random.default_rng(50)
+    weights: dict[str, np.ndarray] = {}
+
+    def conv(name, x, k):
+        weights[name] = (rng.standard_normal((c, c if name != "stem" else 3, k, k)) * 0.3).astype(np.float32)
+        return helper.make_node("Conv", [x, name], [name + "_y"], pads=[k // 2] * 4, name=name)
+
+    def bn(name, x):
+        for part, value in (("s", rng.uniform(0.5, 1.5, c)), ("b", rng.normal(0, .1, c)), ("m", rng.normal(0, .1, c)),
+                            ("v", rng.uniform(0.5, 1.5, c))):
+            weights[f"{name}_{part}"] = value.astype(np.float32)
+        return helper.make_node("BatchNormalization", [x] + [f"{name}_{p}" for p in "sbmv"], [name + "_y"], name=name)
+
+    nodes = [conv("stem", "x", 3), helper.make_node("Relu", ["stem_y"], ["r0"], name="stem_relu")]
+    if fused:
+        nodes += [conv("conv3x3", "r0", 3), helper.make_node("Identity", ["conv3x3_y"], ["s2"], name="same")]
+    elif residual:
+        nodes += [conv("conv_a", "r0", 3), bn("bn_a", "conv_a_y"), helper.make_node("Relu", ["bn_a_y"], ["ra"]),
+                  conv("conv_b", "ra", 3), bn("bn_b", "conv_b_y"),
+                  helper.make_node("Add", ["r0", "bn_b_y"], ["s2"], name="add_residual")]
+    else:
+        nodes += [conv("conv3x3", "r0", 3), bn("bn3x3", "conv3x3_y"), conv("conv1x1", "r0", 1),
+                  bn("bn1x1", "conv1x1_y"), bn("bn_id", "r0"),
+                  helper.make_node("Add", ["bn3x3_y", "bn1x1_y"], ["s1"], name="add_a"),
+                  helper.make_node("Add", ["s1", "bn_id_y"], ["s2"], name="add_b")]
+    weights["fc"] = rng.standard_normal((10, c)).astype(np.float32)
+    nodes += [helper.make_node("Relu", ["s2"], ["r1"], name="relu"),
+              helper.make_node("GlobalAveragePool", ["r1"], ["g"], name="gap"),
+              helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+              helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1, name="fc")]
+    return _model(nodes, [_vi("x", shape=("N", 3, 8, 8))], [_vi("logits", shape=("N", 10))], weights)
+
+
+def test_parallel_linear_branches_under_the_norm_rule_are_warned_about(tmp_path):
+    from onnxlrp.diagnostics import OnnxlrpWarning
+    with pytest.warns(OnnxlrpWarning, match=r"add_a \(Add, norm rule\) sums parallel linear branches of 'r0' "
+                                            r"\(bn3x3, bn1x1\)"):
+        compiled = onnxlrp.compile_model(repvgg_block())
+    found = json.loads({p.key: p.value for p in compiled.metadata_props}["onnxlrp.warnings"])
+    assert [w.split(" ")[0] for w in found] == ["add_a", "add_b"] and "(add_a, bn_id)" in found[1]
+    path = tmp_path / "repvgg.onnx"
+    onnx.save(repvgg_block(), path)
+    result = run_cli("compile", path, "-o", tmp_path / "out.onnx")
+    assert result.returncode == 0 and (tmp_path / "out.onnx").exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"onnxlrp: warning: {path}: add_") for line in lines)
+    assert "fuse them into one layer" in lines[0]
+    result = run_cli("inspect", path)
+    assert "warnings: 2" in result.stdout
+
+
+@pytest.mark.parametrize("kind", ["fused", "residual"])
+def test_no_warning_for_one_layer_or_a_residual_block(kind):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled = onnxlrp.compile_model(repvgg_block(**{kind: True}))
+    assert json.loads({p.key: p.value for p in compiled.metadata_props}["onnxlrp.warnings"]) == []
+
+
+def test_check_exits_1_when_a_conserving_rule_drifts(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(repvgg_block(residual=True), path)
+    result = run_cli("compile", path, "-o", tmp_path / "ok.onnx", "--check")
+    assert result.returncode == 0 and "0 layer(s) flagged" in result.stdout
+    # a stabilizer of 0.5 makes the norm rule absorb relevance: the conserving layers drift, the model is written
+    result = run_cli("compile", path, "-o", tmp_path / "drift.onnx", "--check", "--stabilizer", "0.5")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "LOSES" in result.stdout and (tmp_path / "drift.onnx").exists()

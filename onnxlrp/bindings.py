@@ -147,6 +147,13 @@ def bind(ctx: BindContext, function: onnx.FunctionProto, attr_types: dict[str, i
             value = extra_attrs[name]
         elif name.startswith(RULE_PARAMETER_PREFIX) and name[len(RULE_PARAMETER_PREFIX):] in options:
             value = options[name[len(RULE_PARAMETER_PREFIX):]]
+            if isinstance(value, (list, tuple)) and len(value) > 1:  # one value per channel (axis 1)
+                shape = ctx.view.shape(node.input[ctx.x])
+                channels = shape[1] if shape and len(shape) > 1 else None
+                if channels != len(value):
+                    raise Unsupported(f"{name[len(RULE_PARAMETER_PREFIX):]} has {len(value)} values, one per "
+                                      f"channel, but input {node.input[ctx.x]!r} has "
+                                      f"{channels if channels is not None else 'an unknown number of'} channels")
         elif ctx.attr(name) is not None:
             value = ctx.attr(name)
         elif name in schema.attributes and schema.attributes[name].default_value.type:

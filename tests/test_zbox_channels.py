@@ -67,3 +67,9 @@ def test_bad_per_channel_bounds(low, high, message):
     from onnxlrp.composites import validate_options
     with pytest.raises(onnxlrp.OnnxlrpError, match=message):
         validate_options({"low": low, "high": high})
+
+
+def test_per_channel_bounds_must_match_the_input_channels():
+    model = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "digits_lrn.onnx"
+    with pytest.raises(onnxlrp.OnnxlrpError, match="low has 3 values, one per channel, but input 'image' has 1"):
+        onnxlrp.compile_model(model, "epsilon_gamma_box", low=[0.0, 0.0, 0.0])

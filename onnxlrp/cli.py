@@ -221,7 +221,8 @@ def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, targets
                                           warn=lambda m: click.echo(m, err=True), labels=labels, resize=resize,
                                           scale=scale, colorbar=colorbar, explain_output=explain_output, **options)
         if json_path is not None:
-            text = json.dumps([r.record() for r in results], indent=2)
+            records = [r.record() for r in results] + [{"input": str(f), "error": m} for f, m in failures]
+            text = json.dumps(records, indent=2)
             if to_stdout:
                 click.echo(text)
             else:

@@ -108,6 +108,10 @@ def explain_files(model: Path, inputs: list[Path], outdir: Path, composites: lis
     _check_bounds(options, spec)
     _check_pixels(spec, size, zoom)
     names = labels if labels is not None else model_labels(prepared[0][1])
+    classes = prepared[0][2].classes
+    if names is not None and classes is not None and len(names) != classes:
+        warn(f"onnxlrp: warning: {len(names)} class names for {classes} classes; classes without a name show "
+             f"their number only")
     fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
     batch_size = fixed or batch_size  # a model with a fixed batch runs exactly that many at a time
     out = OutputFolder(outdir, files).open()  # refuses a folder inputs are read from; see outputs.py

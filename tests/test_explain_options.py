@@ -61,13 +61,25 @@ def test_json_on_stdout_is_pure_and_labels_come_from_metadata(tmp_path):
     model.metadata_props.add(key="onnxlrp.labels", value=json.dumps(NAMES))
     path = tmp_path / "named.onnx"
     onnx.save(model, str(path))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
     runner = CliRunner()
-    result = runner.invoke(main, ["explain", str(path), str(SAMPLES / "digit_7.png"), "-o", str(tmp_path / "o"),
-                                  "--json", "-"], env={"ONNXLRP_CACHE_DIR": str(tmp_path / "cache")})
-    assert result.exit_code == 0, result.stderr
+    result = runner.invoke(main, ["explain", str(path), str(SAMPLES / "digit_7.png"), str(broken), "-o",
+                                  str(tmp_path / "o"), "--json", "-"],
+                           env={"ONNXLRP_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.exit_code == 1, result.stderr  # one input failed
     records = json.loads(result.stdout)  # nothing else on stdout
     assert records[0]["predicted_label"] == "seven" and records[0]["explained"] == 7
+    assert records[1]["input"] == str(broken) and "cannot decode" in records[1]["error"]
     assert "predicted 7 seven" in result.stderr
+
+
+def test_labels_of_the_wrong_length_warn(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("zero\none\n")
+    result = explain(tmp_path, str(SAMPLES / "digit_1.png"), "-o", str(tmp_path / "o"), "--labels", str(labels))
+    assert result.exit_code == 0
+    assert "2 class names for 10 classes" in result.stderr and "predicted 1 one (" in result.stdout
 
 
 @pytest.mark.parametrize("value, expected", [

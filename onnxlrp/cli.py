@@ -1,6 +1,7 @@
 """The `onnxlrp` command (click)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,8 +14,26 @@ from .save import check_output, write_model_atomically
 
 
 def _fail(message: str) -> None:
+    message = message.replace("\r", "\\r").replace("\n", "\\n")  # one line, even for a file name with a newline
     click.echo(f"onnxlrp: error: {message}", err=True)
     sys.exit(2)
+
+
+def _drop_stdout() -> None:
+    """The reader of stdout went away (`onnxlrp explain ... | head -1`): send the rest to /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _echo(line: str) -> None:
+    """A result line on stdout; a closed pipe is no error: the run goes on and writes its files."""
+    try:
+        click.echo(line)
+    except BrokenPipeError:
+        _drop_stdout()
 
 
 #: The float rule parameters shared by compile and explain, with their help texts (defaults: Zennit's).
@@ -106,6 +125,9 @@ class _OneLineErrors(click.Group):
             _fail(str(exc))
         except MemoryError:
             _fail("out of memory")
+        except BrokenPipeError:
+            _drop_stdout()  # like any Unix tool whose reader went away: stop quietly
+            sys.exit(1)
         except Exception as exc:
             import os
             if os.environ.get("ONNXLRP_DEBUG"):
@@ -209,7 +231,7 @@ def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, targets
     from .labels import read_labels_file
     from .save import write_file_atomically
     to_stdout = json_path == "-"
-    log = (lambda m: click.echo(m, err=True)) if to_stdout else click.echo
+    log = (lambda m: click.echo(m, err=True)) if to_stdout else _echo
     ctx = click.get_current_context()
     try:
         labels = read_labels_file(labels_file) if labels_file else None

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import onnxlrp
-from corpus import (DIGITS, RESULT_LINE, SAMPLES, assert_refused, cli, cli_subprocess, cli_within, digests,
+from corpus import (DIGITS, RESULT_LINE, ROOT, SAMPLES, assert_refused, cli, cli_subprocess, cli_within, digests,
                     error_lines, make_fifo, point_external_data, save_bomb_png, save_compiled, save_external,
                     save_mismatched, save_npz_as_npy, save_pickled_npy, save_png, save_string_npy,
                     save_structured_npy, save_tiny, tiny_model)
@@ -625,3 +625,21 @@ def test_a_bad_deeplift_baseline_file_is_one_line(space, case):
 def test_usage_errors_are_one_line_too(args, fragment):
     line = assert_refused(cli(*args), fragment)
     assert line.endswith("--help)")
+
+
+def test_a_closed_stdout_pipe_neither_fails_the_run_nor_loses_its_files(tmp_path):
+    """`onnxlrp explain MODEL FOLDER | head -1`: every heatmap is still written, no message, exit 0."""
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ONNXLRP_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "onnxlrp.cli", "explain", str(DIGITS), str(SAMPLES), "-o",
+                                str(out), "--batch-size", "1"],  # a line per run: the later ones meet a closed pipe
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    first = process.stdout.readline()
+    process.stdout.close()  # the reader goes away, as `head -1` does
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0, stderr
+    assert re.match(RESULT_LINE, first.decode().strip())
+    assert "error" not in stderr and "Traceback" not in stderr
+    assert len(list(out.glob("digit_*.png"))) == 10

@@ -55,6 +55,8 @@ def cache_key(model_path: Path, composite: str, options: dict) -> str:
 def _read_entry(path: Path) -> onnx.ModelProto | None:
     """The cached model, or None when the entry is missing, empty, damaged or not onnxlrp's."""
     check = path.with_suffix("").with_suffix(".sha256")
+    if not (path.is_file() and check.is_file()):  # missing, or not a regular file (never block on a FIFO)
+        return None
     try:
         content = path.read_bytes()
         expected = check.read_text().strip()

@@ -234,6 +234,11 @@ def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, targets
     log = (lambda m: click.echo(m, err=True)) if to_stdout else _echo
     ctx = click.get_current_context()
     try:
+        if json_path not in (None, "-"):  # the JSON file never replaces the model or an input
+            from .inputs import expand_inputs
+            from .load import model_files
+            from .save import refuse_overwrite
+            refuse_overwrite(Path(json_path), model_files(model) + expand_inputs(list(inputs)), "--json file")
         labels = read_labels_file(labels_file) if labels_file else None
         for key in ("low", "high"):  # None: the ZBox bounds follow --normalize
             if ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:

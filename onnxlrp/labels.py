@@ -16,6 +16,8 @@ LABEL_KEYS = ("onnxlrp.labels", "labels", "class_names", "classes", "names", "id
 
 def read_labels_file(path: Path) -> list[str]:
     """One class name per line (line k = class k; blank lines at the end ignored)."""
+    from .load import require_regular_file
+    require_regular_file(Path(path), "a labels file")  # a FIFO would block
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -83,6 +83,8 @@ def split_composite_file(name: str) -> tuple[Path, str | None]:
 def read_composite_file(name: str) -> tuple[str, dict, list[Override], str]:
     """(composite name, its table, its overrides, the file's text) for ``FILE.toml`` or ``FILE.toml:NAME``."""
     path, chosen = split_composite_file(name)
+    from .load import require_regular_file
+    require_regular_file(path, "a composite file")  # a FIFO would block
     try:
         text = path.read_text(encoding="utf-8")
         tables = tomllib.loads(text)
@@ -177,6 +179,8 @@ def load_rules_dir(directory: Path, functions: dict, linear_rules: dict, ops: di
         if not folder.is_dir():
             continue
         for path in sorted(folder.glob("*.onnxtxt")):
+            if not path.is_file():  # a FIFO would block, a folder is no template
+                raise OnnxlrpError(f"{path}: not a regular file, not a template")
             try:
                 function = onnx.parser.parse_function(path.read_text(encoding="utf-8"))
             except Exception as exc:  # onnx.parser.ParseError, OSError, UnicodeDecodeError
@@ -190,6 +194,8 @@ def load_rules_dir(directory: Path, functions: dict, linear_rules: dict, ops: di
             table[name] = function
     ops_file = directory / "ops.toml"
     if ops_file.exists():
+        if not ops_file.is_file():
+            raise OnnxlrpError(f"{ops_file}: not a regular file, not an ops table")
         try:
             rows = tomllib.loads(ops_file.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -210,7 +216,7 @@ def rules_fingerprint(directories: tuple[str, ...]) -> list[tuple[str, str]]:
         root = Path(directory)
         for path in sorted(list(root.glob("*.onnxtxt")) + list(root.glob("linear/*.onnxtxt")) +
                            list(root.glob("ops.toml"))):
-            files.append((str(path), path.read_text(encoding="utf-8", errors="replace")))
+            files.append((str(path), path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""))
     return files
 
 

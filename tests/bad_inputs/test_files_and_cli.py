@@ -643,3 +643,31 @@ def test_a_closed_stdout_pipe_neither_fails_the_run_nor_loses_its_files(tmp_path
     assert re.match(RESULT_LINE, first.decode().strip())
     assert "error" not in stderr and "Traceback" not in stderr
     assert len(list(out.glob("digit_*.png"))) == 10
+
+
+@pytest.mark.parametrize("case", ["json_over_input", "json_over_model", "labels_fifo", "composite_fifo",
+                                  "rules_fifo"])
+def test_explain_side_files_never_overwrite_or_hang(space, cache, case):
+    """--json may not replace an input or the model; a FIFO as --labels, composite file or --rules template is
+    refused by name, not opened."""
+    model = space / "model.onnx"
+    model.write_bytes(DIGITS.read_bytes())
+    image = _digit_images(space, ("x.png",))[0]
+    args, expected = [], ""
+    if case == "json_over_input":
+        args, expected = ["--json", image], "x.png: the --json file would overwrite the input"
+    elif case == "json_over_model":
+        args, expected = ["--json", model], "the --json file would overwrite the input"
+    elif case == "labels_fifo":
+        args, expected = ["--labels", make_fifo(space / "labels.txt")], "labels.txt: not a regular file"
+    elif case == "composite_fifo":
+        args, expected = ["--composite", make_fifo(space / "mine.toml")], "mine.toml: not a regular file"
+    else:
+        (space / "rules").mkdir()
+        make_fifo(space / "rules" / "t.onnxtxt")
+        args, expected = ["--rules", space / "rules"], "t.onnxtxt: not a regular file"
+    out = space.parent / "out"
+    before = digests(space)
+    assert_refused(cli_within(60, "explain", model, image, "-o", out, *args, cache=cache), expected)
+    assert not out.exists()
+    unchanged(space, before)

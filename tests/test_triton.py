@@ -152,3 +152,17 @@ def test_bad_export_options(tmp_path, args, message):
     repo, result = export(tmp_path, MODEL, *args)
     assert result.exit_code == 2 and message in result.stderr
     assert not repo.exists()
+
+
+def test_inputs_with_a_default_are_left_to_onnx_runtime(tmp_path):
+    """DeepLIFT's <input>_baseline has a default value (an initializer): not in the config, ORT uses it."""
+    repo, result = export(tmp_path, MODEL, "--composite", "deeplift", "--name", "dl")
+    assert result.exit_code == 0, result.stderr
+    config = parse(repo / "dl" / "config.pbtxt")
+    compiled = onnx.load(str(repo / "dl" / "1" / "model.onnx"))
+    assert "image_baseline" in [i.name for i in compiled.graph.input]
+    assert [e.name for e in config.input] == ["image", "target"]
+    _check_against_model(config, compiled)
+    session = ort.InferenceSession(str(repo / "dl" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, relevance = session.run(["logits", "image_relevance"], _request(config, 2))
+    assert relevance.shape == (2, 1, 32, 32) and np.isfinite(relevance).all()

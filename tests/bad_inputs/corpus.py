@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import subprocess
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,18 +63,6 @@ def cli_within(seconds: int, *args, cache: Path | None = None) -> Run:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def cli_subprocess(*args, cache: Path | None = None, timeout: float = 120, prelude: str = "") -> Run:
-    """The `onnxlrp` command in a fresh interpreter (for what must not hang, and for fd-level stdout); a run that
-    exceeds ``timeout`` fails the test instead of hanging it. ``prelude``: Python run before the command."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    if cache is not None:
-        env["ONNXLRP_CACHE_DIR"] = str(cache)
-    code = f"{prelude}\nimport sys\nfrom onnxlrp.cli import main\nsys.argv[0] = 'onnxlrp'\nmain()"
-    done = subprocess.run([sys.executable, "-c", code, *[str(a) for a in args]], capture_output=True, text=True,
-                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
-    return Run(done.returncode, done.stdout, done.stderr)
 
 
 def error_lines(run: Run) -> list[str]:

@@ -229,6 +229,8 @@ def load_inputs(paths, model, size: tuple[int, int] | None = None, normalize: st
     files = expand_inputs([Path(p) for p in paths])
     if not files:
         raise OnnxlrpError("no input files (give images, .npy arrays, or folders of them)")
+    if not isinstance(model, onnx.ModelProto):
+        require_regular_file(Path(model))  # a FIFO would block
     try:
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
     except Exception as exc:

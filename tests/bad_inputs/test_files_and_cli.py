@@ -287,7 +287,8 @@ def _digit_images(space, names=("a.png", "b.png")):
     return [space / name for name in names]
 
 
-@pytest.mark.parametrize("case", ["input_folder", "folder_of_an_input", "cwd_dot", "an_input_file"])
+@pytest.mark.parametrize("case", ["input_folder", "folder_of_an_input", "cwd_dot", "an_input_file",
+                                  "link_to_input_folder"])
 def test_explain_never_writes_into_the_folder_of_its_inputs(space, cache, case, monkeypatch):
     images = _digit_images(space, ("x.png", "y.png"))
     np.save(space / "z.npy", np.asarray(Image.open(images[0]), np.float32)[None] / 255)
@@ -298,6 +299,10 @@ def test_explain_never_writes_into_the_folder_of_its_inputs(space, cache, case, 
     elif case == "cwd_dot":
         monkeypatch.chdir(space)
         args, out = ["x.png", "z.npy"], "."
+    elif case == "link_to_input_folder":
+        out = space.parent / "link"
+        out.symlink_to(space)
+        args = [space]
     else:
         args, out = [images[1]], images[0]
     before = digests(space)

@@ -16,8 +16,9 @@ LABEL_KEYS = ("onnxlrp.labels", "labels", "class_names", "classes", "names", "id
 
 def read_labels_file(path: Path) -> list[str]:
     """One class name per line (line k = class k; blank lines at the end ignored)."""
-    from .load import require_regular_file
-    require_regular_file(Path(path), "a labels file")  # a FIFO would block
+    if not Path(path).is_file():  # missing, a folder, or a FIFO (which would block)
+        why = "not found" if not Path(path).exists() else "not a regular file"
+        raise OnnxlrpError(f"{path}: cannot read the labels file ({why})")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

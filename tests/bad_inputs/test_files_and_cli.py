@@ -615,6 +615,34 @@ def test_usage_errors_are_one_line_too(args, fragment):
     assert line.endswith("--help)")
 
 
+@pytest.mark.parametrize("case", ["json_over_input", "json_over_model", "labels_fifo", "composite_fifo",
+                                  "rules_fifo"])
+def test_explain_side_files_never_overwrite_or_hang(space, cache, case):
+    """--json may not replace an input or the model; a FIFO as --labels, composite file or --rules template is
+    refused by name, not opened."""
+    model = space / "model.onnx"
+    model.write_bytes(DIGITS.read_bytes())
+    image = _digit_images(space, ("x.png",))[0]
+    args, expected = [], ""
+    if case == "json_over_input":
+        args, expected = ["--json", image], "x.png: the --json file would overwrite the input"
+    elif case == "json_over_model":
+        args, expected = ["--json", model], "the --json file would overwrite the input"
+    elif case == "labels_fifo":
+        args, expected = ["--labels", make_fifo(space / "labels.txt")], "labels.txt: cannot read the labels file (not a regular file)"
+    elif case == "composite_fifo":
+        args, expected = ["--composite", make_fifo(space / "mine.toml")], "mine.toml: not a regular file"
+    else:
+        (space / "rules").mkdir()
+        make_fifo(space / "rules" / "t.onnxtxt")
+        args, expected = ["--rules", space / "rules"], "t.onnxtxt: not a regular file"
+    out = space.parent / "out"
+    before = digests(space)
+    assert_refused(cli_within(60, "explain", model, image, "-o", out, *args, cache=cache), expected)
+    assert not out.exists()
+    unchanged(space, before)
+
+
 # --- stdout carries results only -----------------------------------------------------------------------------------
 
 def test_stdout_carries_results_only_and_a_closed_pipe_loses_nothing(tmp_path):

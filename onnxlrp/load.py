@@ -125,12 +125,32 @@ def validate_tensors(model: onnx.ModelProto, source: str) -> None:
     for tensor in all_tensors(model):
         if external_data_helper.uses_external_data(tensor):
             continue  # an in-memory model with external references: read where it is used
-        try:
-            numpy_helper.to_array(tensor)
-        except Exception as exc:  # ValueError (size), TypeError/KeyError (data type)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OnnxlrpError(f"{source}: tensor {tensor.name!r} of shape {list(tensor.dims)} does not hold "
-                               f"matching data ({first})") from None
+        expected = _raw_size(tensor)
+        if expected is not None and tensor.HasField("raw_data"):
+            length = len(tensor.raw_data)
+            if length == expected:
+                continue
+            first = f"{length} bytes of data for {expected}"
+        else:
+            try:
+                numpy_helper.to_array(tensor)
+                continue
+            except Exception as exc:  # ValueError (size), TypeError/KeyError (data type)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxlrpError(f"{source}: tensor {tensor.name!r} of shape {list(tensor.dims)} does not hold "
+                           f"matching data ({first})")
+
+
+def _raw_size(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of raw data that the tensor's dims and type call for (None: sub-byte, string or unknown types)."""
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except Exception:
+        return None
+    name = onnx.TensorProto.DataType.Name(tensor.data_type)
+    if dtype.kind in "OSU" or name.endswith(("INT4", "INT2", "FLOAT4E2M1")):
+        return None
+    return int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
 
 
 def refuse_compiled(model: onnx.ModelProto, source: str) -> None:

@@ -170,3 +170,31 @@ def test_load_inputs_returns_batch_and_files():
     assert 0.0 <= x.min() and x.max() <= 1.0
     with pytest.raises(onnxlrp.OnnxlrpError, match="no input files"):
         onnxlrp.load_inputs([], MODEL)
+
+
+def test_explain_output_picks_the_explained_output(tmp_path):
+    """A model with two heads: --explain-output explains the second one's classes."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(2)
+    weights = {"w1": rng.standard_normal((4, 3)).astype(np.float32), "w2": rng.standard_normal((4, 6)).astype(
+        np.float32)}
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["first"]), helper.make_node("MatMul", ["x", "w2"], ["second"])],
+        "two_heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("first", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("second", TensorProto.FLOAT, ["N", 6])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    path = tmp_path / "heads.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    x = rng.standard_normal(4).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    result = CliRunner().invoke(main, ["explain", str(path), str(tmp_path / "x.npy"), "-o", str(tmp_path / "o"),
+                                       "--explain-output", "second", "--composite", "epsilon", "--epsilon", "0",
+                                       "--json", "-"], env={"ONNXLRP_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.exit_code == 0, result.stderr
+    (record,) = json.loads(result.stdout)
+    second = x @ weights["w2"]
+    assert record["predicted"] == int(second.argmax())
+    assert record["explained_score"] == pytest.approx(float(second.max()), rel=1e-5)
+    assert record["relevance_sum"] == pytest.approx(float(second.max()), rel=1e-4)  # LRP-0 on a linear map
+    np.testing.assert_allclose(np.load(record["relevance"]), x * weights["w2"][:, second.argmax()], rtol=1e-4)

@@ -594,3 +594,14 @@ def test_check_exits_1_when_a_conserving_rule_drifts(tmp_path):
     result = run_cli("compile", path, "-o", tmp_path / "drift.onnx", "--check", "--stabilizer", "0.5")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "LOSES" in result.stdout and (tmp_path / "drift.onnx").exists()
+
+
+def test_bias_relevance_per_unit_is_finite_and_closes_the_books_with_a_dead_unit():
+    model = mlp(dead_hidden=True)
+    x = np.random.default_rng(60).standard_normal((3, 5)).astype(np.float32)
+    target = np.array([0, 1, 2], np.int64)
+    compiled = onnxlrp.compile_model(model, "epsilon", epsilon=0.0, bias_relevance="units")
+    out = run_compiled(compiled, {"x": x, "target": target})
+    assert np.isfinite(out["bias_relevance"]).all() and not out["bias_relevance"][:, 0].any()  # fc1's dead unit
+    start = out["logits"][np.arange(3), target]
+    np.testing.assert_allclose(out["x_relevance"].sum(1) + out["bias_relevance"].sum(1), start, rtol=1e-4)

@@ -49,7 +49,7 @@ def digests(folder: Path) -> dict[str, str]:
 
 def assert_refused(result: CliResult, *fragments: str) -> None:
     """One line on stderr, `onnxlrp: error: ...` containing every fragment, exit code 2, no traceback."""
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("onnxlrp: compiled ")]
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("onnxlrp: error: "), result.stderr
     assert "Traceback" not in result.stderr
@@ -129,7 +129,8 @@ def test_bad_normalize_is_refused(text):
         parse_normalize(text)
 
 
-def test_bad_normalize_is_refused_by_explain(tmp_path):
+def test_bad_normalize_is_refused_by_explain(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNXLRP_CACHE_DIR", str(tmp_path.parent / f"{tmp_path.name}_cache"))
     model = tmp_path / "m.onnx"
     onnx.save(mlp(), model)
     np.save(tmp_path / "x.npy", np.ones(5, np.float32))
@@ -397,7 +398,8 @@ def test_clashing_names_get_unique_ones_recorded_in_the_metadata(names, target, 
 
 
 @pytest.mark.parametrize("names", [{"x": "target"}, {"logits": "x_relevance"}], ids=str)
-def test_check_and_explain_follow_the_renamed_interface(tmp_path, names):
+def test_check_and_explain_follow_the_renamed_interface(tmp_path, monkeypatch, names):
+    monkeypatch.setenv("ONNXLRP_CACHE_DIR", str(tmp_path / "cache"))
     model = tmp_path / "m.onnx"
     onnx.save(mlp(names=names), model)
     result = run_cli("compile", model, "-o", tmp_path / "out.onnx", "--composite", "epsilon", "--check")
@@ -605,3 +607,15 @@ def test_bias_relevance_per_unit_is_finite_and_closes_the_books_with_a_dead_unit
     assert np.isfinite(out["bias_relevance"]).all() and not out["bias_relevance"][:, 0].any()  # fc1's dead unit
     start = out["logits"][np.arange(3), target]
     np.testing.assert_allclose(out["x_relevance"].sum(1) + out["bias_relevance"].sum(1), start, rtol=1e-4)
+
+
+@pytest.mark.parametrize("target,fragment", [("2.7", "--target"), ("4", "target 4 out of range: the model has 4 classes")])
+def test_explain_refuses_a_bad_target_before_writing(tmp_path, monkeypatch, target, fragment):
+    monkeypatch.setenv("ONNXLRP_CACHE_DIR", str(tmp_path.parent / f"{tmp_path.name}_cache"))
+    model = tmp_path / "m.onnx"
+    onnx.save(mlp(), model)
+    np.save(tmp_path / "x.npy", np.ones(5, np.float32))
+    before = digests(tmp_path)
+    result = run_cli("explain", model, tmp_path / "x.npy", "-o", tmp_path / "out", "--target", target)
+    assert_refused(result, fragment)
+    assert digests(tmp_path) == before and not (tmp_path / "out").exists()

@@ -619,3 +619,15 @@ def test_explain_refuses_a_bad_target_before_writing(tmp_path, monkeypatch, targ
     result = run_cli("explain", model, tmp_path / "x.npy", "-o", tmp_path / "out", "--target", target)
     assert_refused(result, fragment)
     assert digests(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_safe_div_is_exact_where_the_denominator_is_not_zero():
+    from helpers import run_function
+    tiny = np.float32(1.4e-45)
+    d = np.array([0.0, -0.0, 0.0, tiny, -tiny, 1e-6, -2.5, np.inf, 3.0], np.float32)
+    r = np.array([0.0, 5.0, -3.0, 1e-40, 2.0, 1.0, 1.0, 1.0, 0.0], np.float32)
+    (got,) = run_function("safe_div", [r, d], {})
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        expected = np.where(d == 0, np.float32(0), r / d)
+    np.testing.assert_array_equal(got, expected)
+    assert np.isfinite(got[:3]).all() and not got[:3].any()

@@ -13,9 +13,14 @@ from .errors import OnnxlrpError
 from .save import check_output, write_model_atomically
 
 
-def _fail(message: str) -> None:
-    message = message.replace("\r", "\\r").replace("\n", "\\n")  # one line, even for a file name with a newline
+def _error(message: str) -> None:
+    """``onnxlrp: error: ...`` on stderr, on one line even for a file name with a newline in it."""
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     click.echo(f"onnxlrp: error: {message}", err=True)
+
+
+def _fail(message: str) -> None:
+    _error(message)
     sys.exit(2)
 
 
@@ -257,9 +262,10 @@ def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, targets
     except (OnnxlrpError, ValueError) as exc:
         _fail(str(exc))
     for _, message in failures:
-        click.echo(f"onnxlrp: error: {message}", err=True)
+        _error(message)
     if failures:
-        click.echo(f"onnxlrp: {len(failures)} input(s) failed: {', '.join(str(f) for f, _ in failures)}", err=True)
+        names = ", ".join(str(f) for f, _ in failures).replace("\r", "\\r").replace("\n", "\\n")
+        click.echo(f"onnxlrp: {len(failures)} input(s) failed: {names}", err=True)
         sys.exit(1)
 
 
@@ -313,7 +319,7 @@ def evaluate_command(model: Path, inputs: tuple[Path, ...], composites, lrn_rule
     click.echo(report(results))
     click.echo(f"plot: {plot_path}")
     for _, message in failures:
-        click.echo(f"onnxlrp: error: {message}", err=True)
+        _error(message)
     if failures:
         sys.exit(1)
 

@@ -669,3 +669,14 @@ def test_stdout_carries_results_only_and_a_closed_pipe_loses_nothing(tmp_path):
     assert re.match(RESULT_LINE, first.strip()) and re.match(RESULT_LINE, second.strip()), (first, second)
     assert "error" not in stderr and "Traceback" not in stderr and "Failed to load" not in stderr
     assert len(list(out.glob("digit_*.png"))) == 10
+
+
+def test_a_file_name_with_a_newline_stays_one_line(space, cache):
+    bad = space / "two\nlines.png"
+    bad.write_bytes(b"not an image")
+    good = _digit_images(space, ("good.png",))[0]
+    run = cli("explain", DIGITS, bad, good, "-o", space.parent / "out", cache=cache)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    errors = error_lines(run)
+    assert len(errors) == 1 and "two\\nlines.png: cannot decode the image" in errors[0], run.stderr
+    assert len(run.stderr.strip().splitlines()) == 3, run.stderr  # cache note, the error, the summary

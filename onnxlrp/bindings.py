@@ -109,9 +109,12 @@ def bind(ctx: BindContext, function: onnx.FunctionProto, attr_types: dict[str, i
     """Actual inputs (in formal order) and attributes of the call to ``function`` for this context."""
     extra_inputs, extra_attrs = BINDERS[binder](ctx) if binder else ({}, {})
     node = ctx.node
-    schema = onnx.defs.get_schema(node.op_type, max_inclusive_version=ctx.opset, domain="")
-    in_names = [p.name for p in schema.inputs]
-    out_names = [p.name for p in schema.outputs]
+    try:  # recognised patterns (domain onnxlrp.pattern) and ops newer than the model's opset have none
+        schema = onnx.defs.get_schema(node.op_type, max_inclusive_version=ctx.opset, domain="")
+    except onnx.defs.SchemaError:
+        schema = None
+    in_names = [p.name for p in schema.inputs] if schema else []
+    out_names = [p.name for p in schema.outputs] if schema else []
     inputs = []
     for formal in function.input:
         if formal in extra_inputs:
@@ -149,7 +152,7 @@ def bind(ctx: BindContext, function: onnx.FunctionProto, attr_types: dict[str, i
             value = options[name[len(RULE_PARAMETER_PREFIX):]]
         elif ctx.attr(name) is not None:
             value = ctx.attr(name)
-        elif name in schema.attributes and schema.attributes[name].default_value.type:
+        elif schema and name in schema.attributes and schema.attributes[name].default_value.type:
             value = helper.get_attribute_value(schema.attributes[name].default_value)
         else:
             raise Unsupported(f"template {function.name} needs attribute {name!r}, which the node does not set")
@@ -472,6 +475,43 @@ def bind_pad(ctx: BindContext) -> Binding:
     return {}, {"starts": pads[: len(pads) // 2]}
 
 
+def bind_normalization(ctx: BindContext) -> Binding:
+    """LayerNormalization / RMSNormalization (op or recognised pattern), InstanceNormalization: the normalised
+    axes, epsilon, and the scale broadcast against the input (1 when there is none)."""
+    node, x = ctx.node, ctx.node.input[0]
+    if ctx.x != 0:
+        raise Unsupported("relevance for a normalisation's scale or bias is undefined (they must be constants)")
+    rank = ctx.rank(x)
+    scale = node.input[1] if len(node.input) > 1 and node.input[1] else None
+    if node.op_type == "InstanceNormalization":
+        axes = list(range(2, rank))
+        value = ctx.view.constant_value(scale)
+        if value is None:
+            raise Unsupported("InstanceNormalization with a non-constant scale")
+        scale = ctx.add_constant(f"{node.name}__scale", np.asarray(value).reshape([-1] + [1] * (rank - 2)))
+        epsilon = ctx.attr("epsilon", 1e-5)
+    else:
+        axis = int(ctx.attr("axis", -1)) % rank
+        axes = list(range(axis, rank))
+        epsilon = ctx.attr("epsilon", 1e-5)
+    if scale is None:
+        scale = ctx.add_constant(f"{node.name}__unit_scale", np.ones([], dtype=ctx.dtype(x)))
+    return {"Scale": scale}, {"axes": axes, "epsilon": float(epsilon)}
+
+
+def bind_bilinear(ctx: BindContext) -> Binding:
+    """MatMul of two activations: the permutation that swaps the other operand's last two axes; batch axes must
+    not broadcast (exporters expand grouped-query heads explicitly)."""
+    a, b = (ctx.view.shape(n) for n in ctx.node.input[:2])
+    if a is None or b is None:
+        raise Unsupported("needs the ranks of both MatMul operands")
+    if len(a) != len(b) or len(a) < 2 or any(p is not None and q is not None and p != q
+                                             for p, q in zip(a[:-2], b[:-2])):
+        raise Unsupported(f"MatMul of activations shaped {a} and {b}: broadcasting batch axes is not supported")
+    rank = len(a)
+    return {}, {"perm": list(range(rank - 2)) + [rank - 1, rank - 2]}
+
+
 def fused_summand(view: GraphView, add_index: int) -> int | None:
     """The input of a two-input Add that ONNX Runtime fuses into the Conv producing it (the first one that
     comes from a Conv read by nothing else). The relevance pass must not read that tensor: an extra reader
@@ -509,4 +549,6 @@ BINDERS: dict[str, Callable[[BindContext], Binding]] = {
     "slice": bind_slice,
     "gather": bind_gather,
     "pad": bind_pad,
+    "normalization": bind_normalization,
+    "bilinear": bind_bilinear,
 }

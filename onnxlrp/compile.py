@@ -18,6 +18,7 @@ from .composites import Composite, assign_rules, get_composite, node_category, v
 from .errors import OnnxlrpError, UnsupportedError
 from .fusion import find_fusions
 from .graph import FLOAT_TYPES, GraphView
+from .patterns import recognise
 from .reference import reference_forward
 from .shapes import probe_shapes
 from .load import check, default_opset, model_source, read_model, weightless
@@ -167,7 +168,9 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
     proto = read_model(model)
     check(proto, source)
     proto, applied = canonicalize(proto, source)
-    view = GraphView(proto)
+    rule_nodes, recognised = recognise(proto)  # what the rules see; the forward keeps its nodes
+    applied += [f"recognised {label} x{count}" for label, count in sorted(recognised.items())]
+    view = GraphView(proto, rule_nodes=rule_nodes)
     explained = _explained_tensor(view, explain_output, source)
     path = view.relevance_path(explained)
     tensors = {t for i in path for t in list(view.nodes[i].input) + list(view.nodes[i].output)

@@ -22,9 +22,13 @@ class TensorInfo:
 
 @dataclass
 class GraphView:
-    """Indexes over one graph; nodes are referred to by their position in topological order."""
+    """Indexes over one graph; nodes are referred to by their position in topological order.
+
+    ``rule_nodes``: the nodes the rules see, when patterns (onnxlrp.patterns) replaced groups of forward nodes by
+    one recognised node; ``model`` keeps the forward graph that the compiled model runs."""
 
     model: onnx.ModelProto
+    rule_nodes: list[onnx.NodeProto] | None = None
     nodes: list[onnx.NodeProto] = field(init=False)
     info: dict[str, TensorInfo] = field(init=False)
     producer: dict[str, tuple[int, int]] = field(init=False)
@@ -35,7 +39,7 @@ class GraphView:
 
     def __post_init__(self) -> None:
         graph = self.model.graph
-        self.nodes = list(graph.node)
+        self.nodes = list(graph.node if self.rule_nodes is None else self.rule_nodes)
         self.initializers = {t.name: t for t in graph.initializer}
         self.info = {}
         for vi in list(graph.input) + list(graph.value_info) + list(graph.output):

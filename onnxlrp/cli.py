@@ -65,14 +65,19 @@ def main() -> None:
 @click.option("--baseline", default="zeros", show_default=True,
               help="DeepLIFT (--composite deeplift): the default baseline, zeros or a FILE.npy shaped like one input "
                    "sample; the compiled model takes it as input <input>_baseline.")
+@click.option("--relevance-at", "relevance_at", multiple=True, metavar="TENSOR",
+              help="Also output TENSOR_relevance, the relevance at that tensor, shaped like it (repeatable; e.g. "
+                   "a text model's word-embedding output, a CNN layer).")
 def compile_command(model: Path, output: Path | None, composite: str, explain_output: str | None, inline: bool,
-                    emit_layers: bool, check: bool, bias_relevance: str | None, baseline: str, **options) -> None:
+                    emit_layers: bool, check: bool, bias_relevance: str | None, baseline: str,
+                    relevance_at: tuple[str, ...], **options) -> None:
     """Compile MODEL into an explaining model with an extra input `target` and outputs `<input>_relevance`."""
     from .compile import compile_model
     output = output or model.with_suffix(".lrp.onnx")
     try:
         compiled = compile_model(model, composite, explain_output=explain_output, inline=inline,
-                                 emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline, **options)
+                                 emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline,
+                                 relevance_at=relevance_at, **options)
         report = _check_report(model, composite, explain_output, options) if check else None
         write_model_atomically(compiled, output)
     except OnnxlrpError as exc:

@@ -16,6 +16,7 @@ from .bindings import RULE_PARAMETER_PREFIX, VARIANTS, BindContext, NoRelevance,
 from .canonical import canonicalize
 from .composites import Composite, assign_rules, get_composite, node_category, validate_options
 from .errors import OnnxlrpError, UnsupportedError
+from .extra_outputs import add_relevance_at, relevance_at_outputs, token_ids_metadata
 from .fusion import find_fusions
 from .graph import FLOAT_TYPES, GraphView
 from .patterns import recognise
@@ -111,11 +112,14 @@ class Plan:
     explained_output: str
     baseline_inputs: list = field(default_factory=list)
     baseline_defaults: list = field(default_factory=list)
+    contributions: dict[str, list[str]] = field(default_factory=dict)  # tensor -> relevance parts arriving there
+    reference: dict[str, str] | None = None  # DeepLIFT: activation -> its reference tensor
 
 
 def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
                   explain_output: str | None = None, inline: bool = False, emit_layers: bool = False,
-                  bias_relevance: str | None = None, baseline="zeros", **options) -> onnx.ModelProto:
+                  bias_relevance: str | None = None, baseline="zeros", relevance_at: list[str] | tuple = (),
+                  **options) -> onnx.ModelProto:
     """Compile a model into one that also outputs ``<input>_relevance`` for the class given by input ``target``.
 
     options: epsilon, stabilizer, gamma, alpha, beta, low, high, lrn_rule (see composites.DEFAULT_OPTIONS).
@@ -124,10 +128,12 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     bias_relevance: "layers" adds an output ``bias_relevance`` [N, layers] with the relevance each rule
     application absorbed (bias and stabilizer shares), "units" splits epsilon-ruled linear layers per bias unit;
     input relevance + bias relevance = start relevance (metadata ``onnxlrp.bias_relevance`` names the columns).
+    relevance_at: tensor names; each adds an output ``<tensor>_relevance`` shaped like the tensor.
     """
     plan = make_plan(model, composite, explain_output=explain_output, baseline=baseline, **options)
     if plan.unsupported:
         raise UnsupportedError(plan.source, plan.unsupported)
+    extra = relevance_at_outputs(plan, list(relevance_at or []))
     layers = _layer_outputs(plan, arriving=emit_layers == "check") if emit_layers else []
     columns: list[dict] = []
     if bias_relevance is not None:
@@ -143,6 +149,10 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     compiled.graph.input.extend(plan.baseline_inputs)
     compiled.graph.initializer.extend(plan.baseline_defaults)
     compiled.metadata_props.add(key="onnxlrp.explained_output", value=plan.explained_output)
+    add_relevance_at(compiled, extra)
+    token_ids = token_ids_metadata(plan)
+    if token_ids:
+        compiled.metadata_props.add(key="onnxlrp.token_ids", value=json.dumps(token_ids))
     if columns:
         compiled.metadata_props.add(key="onnxlrp.bias_relevance", value=json.dumps(columns))
     if inline:
@@ -182,14 +192,17 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
 
     builder = _Builder(taken=_all_names(proto))
     reference, baseline_inputs, baseline_defaults = None, [], []
+    if chosen.signal == "deeplift" and view.token_lookups:
+        raise OnnxlrpError(f"{source}: deeplift needs a floating-point input; token ids "
+                           f"({view.token_lookups[0].input!r}) have no baseline")
     if chosen.signal == "deeplift":
         nodes, reference, baseline_inputs, baseline_defaults = reference_forward(view, baseline, source)
         builder.nodes.extend(nodes)
         builder.taken.update(o for n in nodes for o in n.output)
-    records, unsupported = _walk(view, path, rules, chosen, params, explained, builder, reference)
+    records, unsupported, contributions = _walk(view, path, rules, chosen, params, explained, builder, reference)
     output = explain_output or view.model.graph.output[0].name
     return Plan(source, view, builder, records, unsupported, chosen, params, applied, output, baseline_inputs,
-                baseline_defaults)
+                baseline_defaults, contributions, reference)
 
 
 BIAS_OUTPUT = "bias_relevance"
@@ -347,7 +360,7 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                 contributions.setdefault(node.input[x], []).append(r_x)
     records.reverse()
     _finish_inputs(view, chosen, contributions, builder, reference)
-    return records, unsupported
+    return records, unsupported, contributions
 
 
 def _unbroadcast(view: GraphView, x: str, y: str, r_x: str, builder: _Builder) -> str:
@@ -367,23 +380,52 @@ def _unbroadcast(view: GraphView, x: str, y: str, r_x: str, builder: _Builder) -
 
 def _finish_inputs(view: GraphView, chosen: Composite, contributions: dict[str, list[str]],
                    builder: _Builder, reference: dict[str, str] | None) -> None:
-    """Produce ``<input>_relevance`` for every float input."""
+    """Produce ``<input>_relevance`` for every float input, and for the token-ids input of a text model (the
+    per-token sum of the relevance at its embedding lookups, float32)."""
     for vi in view.float_inputs:
         target = vi.name + RELEVANCE_SUFFIX
-        parts = contributions.get(vi.name)
-        if not parts:
+        signal = relevance_signal(view, chosen, contributions, builder, reference, vi.name)
+        if signal is None:
             (zeros,) = builder.call("zeros_like", [vi.name], f"{target}__zeros")
             cast = vi.type.tensor_type.elem_type not in FLOAT_TYPES
             builder.nodes.append(helper.make_node("Cast" if cast else "Identity", [zeros], [target],
                                                   name=builder.fresh(f"lrp/{target}"),
                                                   **({"to": TensorProto.FLOAT} if cast else {})))
             continue
-        signal = builder.total(parts, f"{target}__signal")
-        if chosen.signal == "gradient":
-            (signal,) = builder.call("gradient_times_input", [vi.name, signal], f"{target}__gxi")
-        elif chosen.signal == "deeplift":
-            (signal,) = builder.call("times_delta", [vi.name, reference[vi.name], signal], f"{target}__delta")
         builder.nodes.append(helper.make_node("Identity", [signal], [target], name=builder.fresh(f"lrp/{target}")))
+    if view.token_lookups:
+        ids = view.token_lookups[0].input
+        target = ids + RELEVANCE_SUFFIX
+        parts = [relevance_signal(view, chosen, contributions, builder, reference, lookup.output)
+                 for lookup in view.token_lookups]
+        parts = [p for p in parts if p is not None]
+        if parts:
+            hidden_axis = builder.constant(f"{target}__hidden_axis", np.array([-1], dtype=np.int64))
+            sums = []
+            for part in parts:
+                sums.append(builder.fresh(f"{part}__per_token"))
+                builder.nodes.append(helper.make_node("ReduceSum", [part, hidden_axis], [sums[-1]], keepdims=0,
+                                                      name=builder.fresh(f"lrp/{part}__per_token")))
+            per_token = builder.total(sums, f"{target}__per_token")
+        else:
+            (per_token,) = builder.call("zeros_like", [ids], f"{target}__zeros")
+        builder.nodes.append(helper.make_node("Cast", [per_token], [target], to=TensorProto.FLOAT,
+                                              name=builder.fresh(f"lrp/{target}")))
+
+
+def relevance_signal(view: GraphView, chosen: Composite, contributions: dict[str, list[str]], builder: _Builder,
+                     reference: dict[str, str] | None, tensor: str) -> str | None:
+    """The relevance at ``tensor`` (shaped like it), or None when no relevance reaches it: the sum of what its
+    consumers pass back, times the tensor (gradient) or its difference to the reference (DeepLIFT)."""
+    parts = contributions.get(tensor)
+    if not parts:
+        return None
+    signal = builder.total(parts, f"{tensor}__relevance_signal")
+    if chosen.signal == "gradient":
+        (signal,) = builder.call("gradient_times_input", [tensor, signal], f"{tensor}__gxi")
+    elif chosen.signal == "deeplift":
+        (signal,) = builder.call("times_delta", [tensor, reference[tensor], signal], f"{tensor}__delta")
+    return signal
 
 
 def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], chosen: Composite, params: dict,
@@ -394,6 +436,8 @@ def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], cho
     graph.node.extend(builder.nodes)
     graph.initializer.extend(builder.initializers)
     float_inputs = view.float_inputs
+    if view.ids_input is not None:  # a text model: <ids>_relevance, float32 shaped like the ids
+        float_inputs = float_inputs + [view.ids_input]
     batch = float_inputs[0].type.tensor_type.shape.dim[0] if float_inputs and \
         float_inputs[0].type.tensor_type.shape.dim else None
     target = helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, ["N"])

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from .lookups import INTEGER_TYPES, TokenLookup, choose_ids_input, find_lookups
+
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
 
@@ -35,6 +37,7 @@ class GraphView:
     consumers: dict[str, list[int]] = field(init=False)
     initializers: dict[str, onnx.TensorProto] = field(init=False)
     activations: set[str] = field(init=False)
+    token_lookups: list[TokenLookup] = field(init=False)  # word-embedding lookups of the token-ids input
     _nonneg: dict[str, bool] = field(init=False, default_factory=dict)  # memo of nonnegative()
 
     def __post_init__(self) -> None:
@@ -54,17 +57,19 @@ class GraphView:
             for inp in node.input:
                 if inp:
                     self.consumers.setdefault(inp, []).append(i)
+        self.token_lookups = self._find_token_lookups()
         self.activations = self._find_activations()
 
     @property
     def float_inputs(self) -> list[onnx.ValueInfoProto]:
         """The inputs that receive relevance: floating-point inputs, and integer inputs (raw uint8 images) that
-        the model only casts to a floating-point type."""
+        the model only casts to a floating-point type, unless it is a text model (then they are masks)."""
         chosen = []
         for vi in self.model.graph.input:
             if vi.name in self.initializers:
                 continue
-            if vi.type.tensor_type.elem_type in FLOAT_TYPES or self._cast_to_float_only(vi.name):
+            if vi.type.tensor_type.elem_type in FLOAT_TYPES or (
+                    not self.token_lookups and self._cast_to_float_only(vi.name)):
                 chosen.append(vi)
         return chosen
 
@@ -73,9 +78,25 @@ class GraphView:
         return bool(readers) and all(
             n.op_type == "Cast" and any(a.name == "to" and a.i in FLOAT_TYPES for a in n.attribute) for n in readers)
 
+    def _find_token_lookups(self) -> list[TokenLookup]:
+        """The embedding lookups of the token-ids input (none for models without one): see lookups.py."""
+        integers = [vi.name for vi in self.model.graph.input if vi.name not in self.initializers
+                    and vi.type.tensor_type.elem_type in INTEGER_TYPES]
+        candidates = find_lookups(self, integers)
+        ids = choose_ids_input(candidates)
+        return [lookup for lookup in candidates if lookup.input == ids]
+
+    @property
+    def ids_input(self) -> onnx.ValueInfoProto | None:
+        """The token-ids input whose lookups are relevance leaves, if the model has one."""
+        if not self.token_lookups:
+            return None
+        return next(vi for vi in self.model.graph.input if vi.name == self.token_lookups[0].input)
+
     def _find_activations(self) -> set[str]:
-        """Float tensors that depend on a float graph input (everything else is a constant or shape data)."""
-        active = {vi.name for vi in self.float_inputs}
+        """Float tensors that depend on a float graph input or on a token-ids lookup (everything else is a
+        constant or shape data)."""
+        active = {vi.name for vi in self.float_inputs} | {lookup.output for lookup in self.token_lookups}
         for node in self.nodes:
             if any(i in active for i in node.input if i):
                 for out in node.output:

@@ -30,6 +30,7 @@ def inspect_text(plan: Plan) -> str:
              f"composite: {plan.composite.name} (Zennit: {plan.composite.zennit}), signal: {plan.composite.signal}",
              f"parameters: {json.dumps(plan.params, sort_keys=True)}",
              f"canonicalizations: {', '.join(plan.canonicalizations) or 'none'}",
+             *_token_ids_lines(plan),
              f"relevance path: {len(plan.records)} nodes", "",
              _table(["node", "op", "category", "rule", "template", "bias", "parameters"], rows), ""]
     if plan.unsupported:
@@ -38,6 +39,18 @@ def inspect_text(plan: Plan) -> str:
     else:
         parts.append("unsupported: none")
     return "\n".join(parts)
+
+
+def _token_ids_lines(plan: Plan) -> list[str]:
+    """For text models: which input holds the token ids and which embedding lookup its relevance sums."""
+    from .extra_outputs import token_ids_metadata
+    meta = token_ids_metadata(plan)
+    if meta is None:
+        return []
+    lookups = "; ".join(f"{x['node']} (Gather of {x['weight']!r} [{x['vocab']}, {x['hidden']}])"
+                        for x in meta["lookups"]) or "none reaches the explained output (relevance 0)"
+    return [f"token ids: {meta['input']} -> {meta['output']} = per-token sum over the hidden axis at lookup "
+            f"{lookups}", f"no relevance: {', '.join(meta['no_relevance']) or 'none'}"]
 
 
 def _bias(plan: Plan, record) -> str:

@@ -1,6 +1,7 @@
 """Stage 4: run a compiled model with ONNX Runtime, on CUDA when it is usable and on the CPU otherwise."""
 from __future__ import annotations
 
+import json
 import os
 from functools import cache
 
@@ -94,8 +95,10 @@ class Explainer:
         inputs = [i for i in self.session.get_inputs() if i.name != TARGET_INPUT and i.name not in defaults]
         self.input_names = [i.name for i in inputs]
         outputs = [o.name for o in self.session.get_outputs()]
-        self.relevance_names = [o for o in outputs if o.endswith(RELEVANCE_SUFFIX)
-                                and o[: -len(RELEVANCE_SUFFIX)] in self.input_names]
+        meta = {p.key: p.value for p in compiled.metadata_props}
+        at = {entry["output"] for entry in json.loads(meta.get("onnxlrp.relevance_at", "[]"))}  # --relevance-at
+        self.relevance_names = [o for o in outputs if o in at or (o.endswith(RELEVANCE_SUFFIX)
+                                and o[: -len(RELEVANCE_SUFFIX)] in self.input_names)]
         self.output_names = [o for o in outputs if o not in self.relevance_names]
 
     @property
@@ -107,8 +110,8 @@ class Explainer:
 
         x: one array (single-input models) or a dict name -> array. target: None (top class), an int for every
         sample, or one int per sample (negative = top class).
-        Returns (original outputs by name, relevance): relevance is an array shaped like x for single-input models,
-        else a dict input name -> relevance.
+        Returns (original outputs by name, relevance): relevance is an array shaped like x when the model has one
+        relevance output, else a dict name -> relevance (input names, and the tensors given to relevance_at).
         """
         feeds = dict(x) if isinstance(x, dict) else {self.input_names[0]: x}
         missing = set(self.input_names) - set(feeds)

@@ -499,6 +499,13 @@ def bind_normalization(ctx: BindContext) -> Binding:
     return {"Scale": scale}, {"axes": axes, "epsilon": float(epsilon)}
 
 
+def bind_softmax(ctx: BindContext) -> Binding:
+    """The softmax axis as a one-element list (a constant the templates' shape inference can read)."""
+    if ctx.opset < 13:
+        raise Unsupported("Softmax before opset 13 (flattening semantics) is not supported")
+    return {}, {"axes": [int(ctx.attr("axis", -1))]}
+
+
 def bind_bilinear(ctx: BindContext) -> Binding:
     """MatMul of two activations: the permutation that swaps the other operand's last two axes; batch axes must
     not broadcast (exporters expand grouped-query heads explicitly)."""
@@ -551,4 +558,5 @@ BINDERS: dict[str, Callable[[BindContext], Binding]] = {
     "pad": bind_pad,
     "normalization": bind_normalization,
     "bilinear": bind_bilinear,
+    "softmax": bind_softmax,
 }

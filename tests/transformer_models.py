@@ -120,18 +120,24 @@ def export(name: str, exporter: str, path: Path) -> Path:
     """Export ``build(name)`` (SDPA attention for ts17_sdpa) to ``path`` with IR version 10."""
     attention = "sdpa" if exporter == "ts17_sdpa" else "eager"
     names = input_names(name)
-    wrapper = Logits(build(name, attention), names)
-    inputs = sample_inputs(name)
+    return export_module(Logits(build(name, attention), names), sample_inputs(name), names, exporter, path,
+                         dynamic_tokens=name != "vit")
+
+
+def export_module(module: nn.Module, inputs: dict[str, np.ndarray], names: list[str], exporter: str, path: Path,
+                  dynamic_tokens: bool = False) -> Path:
+    """Export ``module(*inputs in names order) -> logits``: TorchScript opset 17 with a dynamic batch (and
+    sequence when dynamic_tokens), or dynamo opset 18 with static shapes; IR version at most 10."""
     args = tuple(torch.from_numpy(inputs[n]) for n in names)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter.startswith("ts17"):
-            axes = {n: {0: "N"} if name == "vit" else {0: "N", 1: "T"} for n in names}
-            torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=17, input_names=names,
+            axes = {n: {0: "N", 1: "T"} if dynamic_tokens else {0: "N"} for n in names}
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, input_names=names,
                               output_names=["logits"], dynamic_axes={**axes, "logits": {0: "N"}})
         else:
-            program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=18, input_names=names,
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=18, input_names=names,
                                         output_names=["logits"], optimize=True)
             program.save(str(path), external_data=False)
     model = onnx.load(str(path))

@@ -93,10 +93,14 @@ def _check_report(model: Path, composite: str, explain_output: str | None, optio
 
     import numpy as np
 
-    from .compile import RELEVANCE_SUFFIX, compile_model
+    from .compile import BIAS_OUTPUT, RELEVANCE_SUFFIX, compile_model
     from .report import conservation_rows, conservation_text, random_feeds
     from .runtime import make_session
-    checked = compile_model(model, composite, explain_output=explain_output, emit_layers="check", **options)
+    from .compile import get_composite
+    from .report import absorbed_by_kind, books_text
+    accounts = get_composite(composite, "identity").signal != "deeplift"  # books: absorbed shares by kind
+    checked = compile_model(model, composite, explain_output=explain_output, emit_layers="check",
+                            bias_relevance="layers" if accounts else None, **options)
     try:
         feeds = random_feeds(checked)
     except ValueError as exc:
@@ -109,8 +113,12 @@ def _check_report(model: Path, composite: str, explain_output: str | None, optio
     rows = conservation_rows(json.loads(meta["onnxlrp.rules"]), values, meta["onnxlrp.signal"])
     start = rows[-1]["arriving"] if rows else 0.0
     total = float(np.mean(sum(v.reshape(v.shape[0], -1).sum(1) for k, v in values.items()
-                              if k.endswith(RELEVANCE_SUFFIX))))
-    return conservation_text(rows, start, total)
+                              if k.endswith(RELEVANCE_SUFFIX) and k != BIAS_OUTPUT)))
+    text = conservation_text(rows, start, total)
+    if accounts:
+        columns = json.loads(meta["onnxlrp.bias_relevance"])
+        text += "\n" + books_text(start, total, absorbed_by_kind(columns, values["bias_relevance"]))
+    return text
 
 
 @main.command("explain")

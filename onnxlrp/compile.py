@@ -44,6 +44,8 @@ class RuleRecord:
     params: dict = field(default_factory=dict)
     arriving: list[str] = field(default_factory=list, repr=False)  # relevance tensors at its outputs
     passed: list[str] = field(default_factory=list, repr=False)    # relevance tensors it gives its inputs
+    arriving_at: list[str] = field(default_factory=list, repr=False)  # the activations they belong to (a
+    passed_to: list[str] = field(default_factory=list, repr=False)    # gradient signal's relevance is t * signal)
     epsilon_terms: tuple | None = field(default=None, repr=False)  # (B, Y, R, shape of Y) of an epsilon layer
 
     def public(self) -> dict:
@@ -139,8 +141,8 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     if bias_relevance is not None:
         if bias_relevance not in ("layers", "units"):
             raise OnnxlrpError(f"{plan.source}: --bias-relevance must be layers or units, got {bias_relevance!r}")
-        if plan.composite.signal != "relevance":
-            raise OnnxlrpError(f"{plan.source}: --bias-relevance needs a relevance composite, not "
+        if plan.composite.signal == "deeplift":
+            raise OnnxlrpError(f"{plan.source}: --bias-relevance needs a relevance or gradient composite, not "
                                f"{plan.composite.name}")
         tensor, columns = _bias_relevance(plan, bias_relevance == "units")
         layers.append((BIAS_OUTPUT, tensor))
@@ -210,15 +212,39 @@ LAYER_PREFIX = "layer_relevance__"
 ARRIVING_PREFIX = "layer_arriving__"
 
 
+def absorber_kind(category: str | None, op: str) -> str:
+    """What a rule application's absorbed relevance is: a softmax share (AttnLRP), a bias (and stabilizer) share,
+    a constant addend's share (position / token-type embeddings, masks), a normalisation's, or other."""
+    if category == "softmax" or op == "Softmax":
+        return "softmax"
+    if category in ("conv", "dense"):
+        return "bias"
+    if op in ("Add", "Sub", "Sum") and category == "affine":
+        return "constant"
+    if category == "normalization" or "Normalization" in op:
+        return "normalization"
+    return "other"
+
+
 def _bias_relevance(plan: Plan, units: bool) -> tuple[str, list[dict]]:
     """[N, columns]: per rule application, relevance arriving minus relevance passed on (what the bias and the
-    stabilizer absorbed); with ``units``, epsilon-ruled linear layers get one column per bias unit."""
+    stabilizer, a softmax (AttnLRP) or a constant addend absorbed); with ``units``, epsilon-ruled linear layers get
+    one column per bias unit. A gradient-signal composite's relevance at a tensor t is t * signal, so its
+    columns weigh the signals by their tensors: input + absorbed = start holds for them too."""
     b = plan.builder
     types = library().attribute_types("bias_units")
     one = b.constant("bias_axis_1", np.array([1], dtype=np.int64))
+    weighted = plan.composite.signal == "gradient"
     parts, columns = [], []
     for record in plan.records:
-        if not record.passed:
+        if not record.arriving:
+            continue
+        kind = absorber_kind(record.category, record.op)
+        if not record.passed:  # nothing passed on: it absorbs all it receives
+            arriving = _sample_total(b, record.arriving, f"{record.node}__arr_sum",
+                                     record.arriving_at if weighted else None)
+            parts.append(b.plain("Unsqueeze", [arriving, one], f"{record.node}__absorbed_col"))
+            columns.append({"node": record.node, "units": 1, "kind": kind})
             continue
         if units and record.epsilon_terms is not None:
             bias, y, r, shape = record.epsilon_terms
@@ -228,13 +254,15 @@ def _bias_relevance(plan: Plan, units: bool) -> tuple[str, list[dict]]:
                      make_attribute("spatial_axes", list(range(2, rank)), types["spatial_axes"])]
             (column,) = b.call("bias_units", [bias, y, r], f"{record.node}__bias_units", attrs)
             count = (shape or [None, None])[1]
-            columns.append({"node": record.node, "units": count})
+            columns.append({"node": record.node, "units": count, "kind": kind})
         else:
-            arriving = _sample_total(b, record.arriving, f"{record.node}__arr_sum")
-            passed = _sample_total(b, record.passed, f"{record.node}__layer_sum")
+            arriving = _sample_total(b, record.arriving, f"{record.node}__arr_sum",
+                                     record.arriving_at if weighted else None)
+            passed = _sample_total(b, record.passed, f"{record.node}__layer_sum",
+                                   record.passed_to if weighted else None)
             column = b.plain("Unsqueeze", [b.plain("Sub", [arriving, passed], f"{record.node}__absorbed"), one],
                              f"{record.node}__absorbed_col")
-            columns.append({"node": record.node, "units": 1})
+            columns.append({"node": record.node, "units": 1, "kind": kind})
         parts.append(column)
     if not parts:
         raise OnnxlrpError(f"{plan.source}: no rule application to account bias relevance for")
@@ -244,23 +272,30 @@ def _bias_relevance(plan: Plan, units: bool) -> tuple[str, list[dict]]:
 
 
 def _layer_outputs(plan: Plan, arriving: bool) -> list[tuple[str, str]]:
-    """Per-sample relevance totals per rule application, as (output name, tensor) pairs."""
+    """Per-sample relevance totals per rule application, as (output name, tensor) pairs (for gradient-signal
+    composites the relevance t * signal)."""
     outputs = []
+    weighted = plan.composite.signal == "gradient"
     for record in plan.records:
         if not record.passed:
             continue
         outputs.append((LAYER_PREFIX + record.node,
-                        _sample_total(plan.builder, record.passed, f"{record.node}__layer_sum")))
+                        _sample_total(plan.builder, record.passed, f"{record.node}__layer_sum",
+                                      record.passed_to if weighted else None)))
         if arriving:
             outputs.append((ARRIVING_PREFIX + record.node,
-                            _sample_total(plan.builder, record.arriving, f"{record.node}__arr_sum")))
+                            _sample_total(plan.builder, record.arriving, f"{record.node}__arr_sum",
+                                          record.arriving_at if weighted else None)))
     return outputs
 
 
-def _sample_total(builder: _Builder, tensors: list[str], name: str) -> str:
+def _sample_total(builder: _Builder, tensors: list[str], name: str, at: list[str] | None = None) -> str:
     """The per-sample sum [N] of relevance tensors, built once per name (the layer outputs and the bias
-    accounting share them)."""
+    accounting share them); ``at``: the activations of gradient signals, the relevance being their product."""
     if name not in builder.totals:
+        if at is not None:
+            tensors = [builder.call("gradient_times_input", [x, g], f"{g}__times_input")[0]
+                       for x, g in zip(at, tensors)]
         parts = [builder.call("sample_sum", [t], f"{t}__sum")[0] for t in tensors]
         builder.totals[name] = builder.total(parts, name)
     return builder.totals[name]
@@ -327,6 +362,7 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                 continue
             relevance = builder.total(contributions[out], f"{out}__R")
             record.arriving.append(relevance)
+            record.arriving_at.append(out)
             for x in view.activation_inputs(index):
                 ctx = BindContext(view, index, x, y, builder.constant, opset, fusion, rule, builder.plain,
                                   reference)
@@ -357,6 +393,7 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                 if spec.elementwise:
                     r_x = _unbroadcast(view, node.input[x], out, r_x, builder)
                 record.passed.append(r_x)
+                record.passed_to.append(node.input[x])
                 contributions.setdefault(node.input[x], []).append(r_x)
     records.reverse()
     _finish_inputs(view, chosen, contributions, builder, reference)

@@ -6,10 +6,12 @@ import json
 import numpy as np
 import onnx
 
-from .compile import ARRIVING_PREFIX, LAYER_PREFIX, Plan
+from .compile import ARRIVING_PREFIX, LAYER_PREFIX, Plan, absorber_kind
 
 #: Rules that pass on exactly the relevance they receive, up to the stabilizer (ε = 1e-6).
 CONSERVING = {"pass", "gradient", "norm", "flat", "taylor", "identity"}
+#: LXT's rules (gradient signal) that pass on what they receive (the identity rule up to its 1e-10).
+LXT_CONSERVING = {"lxt_identity", "lxt_uniform", "lxt_cp", "lxt_gate", "detached"}
 #: Ops whose gradient routing drops relevance by design (on padding, unselected elements, gates).
 DROPPING_OPS = {"Pad"}
 DRIFT_TOLERANCE = 1e-3
@@ -64,21 +66,35 @@ def _bias(plan: Plan, record) -> str:
     return ""
 
 
-def random_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs for every graph input (dynamic batch -> ``batch``); ValueError for other dynamic dims."""
+def random_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0, tokens: int = 8) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input (dynamic batch -> ``batch``); ValueError for other dynamic dims of
+    float inputs. Integer inputs that index an embedding table draw from its rows (dynamic length -> ``tokens``);
+    other integer inputs of such a model (masks) are ones; raw integer images draw from 0..255."""
     rng = np.random.default_rng(seed)
-    weights = {t.name for t in model.graph.initializer}
+    weights = {t.name: t for t in model.graph.initializer}
+    rows: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[0] in weights:
+            table = weights[node.input[0]].dims
+            rows[node.input[1]] = min(rows.get(node.input[1], table[0]), table[0]) if table else 1
+    text = bool(rows)
     feeds = {}
     for vi in model.graph.input:
         if vi.name in weights or vi.name == "target":
             continue
         dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-        shape = [batch if (i == 0 and d is None) else d for i, d in enumerate(dims)]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        floating = np.issubdtype(dtype, np.floating)
+        shape = [batch if (i == 0 and d is None) else tokens if (d is None and text and not floating) else d
+                 for i, d in enumerate(dims)]
         if any(d is None for d in shape):
             raise ValueError(f"input {vi.name!r} has dynamic dimensions {dims}; cannot make a random input")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-        if np.issubdtype(dtype, np.floating):
+        if floating:
             feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        elif vi.name in rows:
+            feeds[vi.name] = rng.integers(0, rows[vi.name], shape).astype(dtype)
+        elif text:
+            feeds[vi.name] = np.ones(shape, dtype=dtype)
         else:
             feeds[vi.name] = rng.integers(0, 256, shape).astype(dtype)
     return feeds
@@ -97,7 +113,12 @@ def conservation_rows(rules: list[dict], values: dict[str, np.ndarray], signal: 
         passed = float(values[name].mean())
         drift = (passed - arriving) / max(abs(arriving), 1e-12)
         conserving = rule in CONSERVING and op not in DROPPING_OPS
-        if signal != "relevance":
+        kind = absorber_kind(record.get("category"), op)
+        if signal == "gradient":  # relevance t * signal: softmax, bias, constant and normalisation shares
+            linear = rule in LXT_CONSERVING or record.get("category") in ("routing", "sum")
+            expected, flag = (f"absorbs {kind}" if kind != "other" else "conserves" if linear
+                              else "gradient (no conservation)"), ""
+        elif signal != "relevance":
             expected, flag = f"{signal} (no conservation)", ""
         elif conserving:
             expected = "conserves"
@@ -107,6 +128,24 @@ def conservation_rows(rules: list[dict], values: dict[str, np.ndarray], signal: 
         rows.append({"layer": node, "op": op, "rule": rule, "arriving": arriving,
                      "passed": passed, "drift": drift, "expected": expected, "flag": flag})
     return rows
+
+
+def absorbed_by_kind(columns: list[dict], bias: np.ndarray) -> dict[str, float]:
+    """Mean over the batch of the bias_relevance output, summed per kind of absorber (softmax, bias, ...)."""
+    totals: dict[str, float] = {}
+    edges = np.cumsum([0] + [c["units"] for c in columns])
+    for column, a, b in zip(columns, edges[:-1], edges[1:]):
+        kind = column.get("kind", "bias")
+        totals[kind] = totals.get(kind, 0.0) + float(bias[:, a:b].sum(1).mean())
+    return totals
+
+
+def books_text(start: float, total: float, absorbed: dict[str, float]) -> str:
+    """One line: start relevance = input relevance + every absorbed share, and what is left over."""
+    shares = ", ".join(f"{kind} {value:.6g}" for kind, value in sorted(absorbed.items()))
+    gap = start - total - sum(absorbed.values())
+    return (f"books: start {start:.6g} = input {total:.6g} + absorbed {sum(absorbed.values()):.6g} ({shares}); "
+            f"gap {gap:.3g} ({abs(gap) / max(abs(start), 1e-12):.2g} of the start)")
 
 
 def conservation_text(rows: list[dict], start: float, total: float) -> str:

@@ -123,7 +123,7 @@ def _check_report(model: Path, composite: str, explain_output: str | None, optio
 
 @main.command("explain")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-o", "--outdir", type=click.Path(path_type=Path), default=Path("onnxlrp-out"), show_default=True,
               help="Folder for the heatmaps (.png) and raw relevance (.npy).")
 @click.option("--target", type=int, default=None, help="Class to explain [default: the predicted class].")
@@ -136,13 +136,25 @@ def _check_report(model: Path, composite: str, explain_output: str | None, optio
 @click.option("--cmap", default="bwr", show_default=True, help="Colormap: a matplotlib name, or coldnhot.")
 @click.option("--overlay", is_flag=True, help="Blend the heatmap over the input image.")
 @click.option("--zoom", type=int, default=1, show_default=True, help="Upscale the PNGs by this integer factor.")
+@click.option("--text", "texts", multiple=True, help="Text to explain (repeatable), for a text model; needs "
+              "--tokenizer. Prints each token with its relevance and writes OUTDIR/text.html and text.json.")
+@click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Hugging Face tokenizer.json for --text (read offline with the tokenizers library).")
+@click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Colour the tokens of --text (auto: when stdout is a terminal).")
 @rule_options
 def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, target: int | None,
                     composites: tuple[str, ...], batch_size: int, size, normalize: str, cmap: str, overlay: bool,
-                    zoom: int, **options) -> None:
+                    zoom: int, texts: tuple[str, ...], tokenizer: Path | None, color: str, **options) -> None:
     """Explain images (PNG/JPEG), folders of them, or .npy arrays: a heatmap PNG, the raw relevance (.npy) and
-    one line per input (predicted class, score, explained class, sum of relevance)."""
+    one line per input (predicted class, score, explained class, sum of relevance). With --text and --tokenizer:
+    sentences for a text model, each token printed with its relevance."""
     from .explain import explain_files
+    if texts or tokenizer:
+        _explain_texts(model, inputs, texts, tokenizer, outdir, list(composites), target, color, options)
+        return
+    if not inputs:
+        _fail("give inputs to explain (images, .npy arrays, folders) or --text with --tokenizer")
     try:
         results, failures = explain_files(model, list(inputs), outdir, list(composites), target, batch_size,
                                           size, normalize, cmap, overlay, zoom, log=click.echo,
@@ -154,6 +166,21 @@ def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, target:
     if failures:
         click.echo(f"onnxlrp: {len(failures)} input(s) failed: {', '.join(str(f) for f, _ in failures)}", err=True)
         sys.exit(1)
+
+
+def _explain_texts(model: Path, inputs: tuple[Path, ...], texts: tuple[str, ...], tokenizer: Path | None,
+                   outdir: Path, composites: list[str], target: int | None, color: str, options: dict) -> None:
+    from .text import explain_texts
+    if inputs:
+        _fail(f"give either input files or --text, not both (got {inputs[0]})")
+    if not texts or tokenizer is None:
+        _fail("--text and --tokenizer go together")
+    try:
+        ansi = {"always": True, "never": False}.get(color)  # click strips ANSI codes off a non-terminal unless told
+        explain_texts(model, list(texts), tokenizer, outdir, composites, target, color,
+                      log=lambda m: click.echo(m, color=ansi), warn=lambda m: click.echo(m, err=True), **options)
+    except (OnnxlrpError, ValueError, OSError) as exc:
+        _fail(str(exc))
 
 
 @main.command("evaluate")

@@ -74,3 +74,21 @@ def test_check_prints_the_books(tmp_path):
     books = next(line for line in run.stdout.splitlines() if line.startswith("books: "))
     gap = float(books.split("gap ")[1].split(" (")[1].split(" of")[0])
     assert "bias" in books and gap < 1e-5
+
+
+def test_explain_text_on_bert(bert, tmp_path, monkeypatch):
+    """Tokenizer -> ids, attention mask and token types matched by name on a real export (dynamic length)."""
+    from text_models import wordpiece_tokenizer
+
+    from onnxlrp.text import explain_texts
+    monkeypatch.setenv("ONNXLRP_CACHE_DIR", str(tmp_path / "cache"))
+    wordpiece_tokenizer(tmp_path / "tokenizer.json")
+    results = explain_texts(bert, ["the plot was not good", "fun"], tmp_path / "tokenizer.json", tmp_path / "out",
+                            ["attnlrp"], log=lambda m: None, warn=lambda m: None)
+    ids = np.array([[2, 4, 12, 6, 9, 11, 3], [2, 16, 3, 0, 0, 0, 0]])
+    mask = (ids != 0).astype(np.int64)
+    _, relevance = onnxlrp.Explainer(bert, "attnlrp").explain(
+        {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
+    np.testing.assert_allclose(results[0].relevance, relevance[0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(results[1].relevance, relevance[1, :3], rtol=1e-5, atol=1e-7)
+    assert (relevance[1, 3:] == 0).all() and len(results[1].tokens) == 3

@@ -124,3 +124,69 @@ def test_integer_inputs_of_image_models_are_still_images():
 def test_deeplift_refuses_token_ids():
     with pytest.raises(onnxlrp.OnnxlrpError, match="token ids"):
         onnxlrp.compile_model(bag_of_embeddings(), "deeplift")
+
+
+# --- onnxlrp explain --text ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    from text_models import wordpiece_tokenizer
+    folder = tmp_path_factory.mktemp("text")
+    wordpiece_tokenizer(folder / "tokenizer.json")
+    onnx.save(bag_of_embeddings(tokens=8), folder / "bag.onnx")
+    return folder
+
+
+def test_explain_texts_tokenizes_runs_and_writes_html(text_files, tmp_path, monkeypatch):
+    from onnxlrp.text import explain_texts
+    monkeypatch.setenv("ONNXLRP_CACHE_DIR", str(tmp_path / "cache"))
+    lines = []
+    results = explain_texts(text_files / "bag.onnx", ["The movie was badly boring", "fun!"],
+                            text_files / "tokenizer.json", tmp_path / "out", ["epsilon"], target=2,
+                            log=lines.append, warn=lambda m: None)
+    assert results[0].tokens == ["[CLS]", "the", "movie", "was", "bad", "##ly", "boring", "[SEP]"]
+    assert results[1].tokens == ["[CLS]", "fun", "!", "[SEP]"]  # the 4 padded positions are not shown
+    # the same numbers as the compiled model run on ids encoded by hand (vocabulary of text_models.WORDS)
+    ids = np.array([[2, 4, 5, 6, 8, 10, 17, 3], [2, 16, 19, 3, 0, 0, 0, 0]])
+    mask = (np.arange(8) < np.array([[8], [4]])).astype(np.int64)
+    explainer = onnxlrp.Explainer(bag_of_embeddings(tokens=8), "epsilon")
+    _, relevance = explainer.explain({"input_ids": ids, "attention_mask": mask,
+                                      "token_type_ids": np.zeros_like(ids)}, target=2)
+    np.testing.assert_allclose(results[0].relevance, relevance[0], rtol=1e-6)
+    np.testing.assert_allclose(results[1].relevance, relevance[1, :4], rtol=1e-6)
+    assert (relevance[1, 4:] == 0).all()
+    assert lines[0].startswith("'The movie was badly boring': predicted") and "explained 2" in lines[0]
+    assert "bad(" in lines[1] and "\x1b[" not in lines[1]  # no colour when stdout is not a terminal
+    page = (tmp_path / "out" / "text.html").read_text()
+    assert page.count('<span style="background: rgb(') == 12 and ">ly</span>" in page  # ## pieces joined
+    saved = json.loads((tmp_path / "out" / "text.json").read_text())
+    assert saved[1]["tokens"] == results[1].tokens and saved[0]["explained"] == 2
+
+
+def test_token_colours():
+    from onnxlrp.text import TextResult, _shade, token_line
+    assert _shade(1.0, 1.0) == (255, 0, 0) and _shade(-1.0, 1.0) == (0, 0, 255) and _shade(0.0, 1.0) == (255,) * 3
+    result = TextResult("a b", "epsilon", ["a", "b"], [0.5, -1.0], 0, 1.0, 0)
+    line = token_line(result, colour=True)
+    assert "\x1b[48;2;255;128;128m" in line and "\x1b[48;2;0;0;255m" in line
+
+
+def test_cli_explain_text(text_files, tmp_path):
+    from click.testing import CliRunner
+
+    from onnxlrp.cli import main
+    runner, env = CliRunner(), {"ONNXLRP_CACHE_DIR": str(tmp_path / "cache")}
+    args = ["explain", str(text_files / "bag.onnx"), "--text", "a good film", "--tokenizer",
+            str(text_files / "tokenizer.json"), "-o", str(tmp_path / "out"), "--composite", "epsilon"]
+    result = runner.invoke(main, args + ["--color", "always"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "\x1b[48;2;" in result.output and "film(" in result.output and (tmp_path / "out" / "text.html").exists()
+    plain = runner.invoke(main, args, env=env)  # auto: CliRunner's stdout is no terminal
+    assert plain.exit_code == 0 and "\x1b[" not in plain.output
+    for bad, message in [(["--tokenizer", str(tmp_path / "none.json")], "cannot read the tokenizer"),
+                         ([], "--text and --tokenizer go together")]:
+        failed = runner.invoke(main, ["explain", str(text_files / "bag.onnx"), "--text", "x"] + bad, env=env)
+        assert failed.exit_code == 2 and message in failed.output
+    image = runner.invoke(main, ["explain", str(text_files / "bag.onnx"), "x.png", "--text", "x", "--tokenizer",
+                                 str(text_files / "tokenizer.json")], env=env)
+    assert image.exit_code == 2 and "not both" in image.output

@@ -73,3 +73,21 @@ def sample_text_batch(tokens: int = 5, seed: int = 1) -> dict[str, np.ndarray]:
     types = np.zeros((2, tokens), dtype=np.int64)
     types[:, tokens // 2:] = 1
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "movie", "was", "great", "bad", "not", "##ly", "good",
+         "plot", "a", "film", "terrible", "fun", "boring", "and", "!"]
+
+
+def wordpiece_tokenizer(path, words: list[str] = WORDS) -> None:
+    """A tiny BERT-style WordPiece tokenizer.json built with the `tokenizers` library (no download): lower-casing,
+    [CLS] ... [SEP], [PAD] = 0."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    vocab = {word: k for k, word in enumerate(words)}
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tokenizer.save(str(path))

@@ -144,6 +144,7 @@ def bind(ctx: BindContext, function: onnx.FunctionProto, attr_types: dict[str, i
         if not actual:
             raise Unsupported(f"template {function.name} needs input {formal!r}, which the node does not have")
         inputs.append(actual)
+    inputs = [_unfused(ctx, name) for name in inputs]
     attributes = []
     for name in function.attribute:
         if name in extra_attrs:
@@ -158,6 +159,79 @@ def bind(ctx: BindContext, function: onnx.FunctionProto, attr_types: dict[str, i
             raise Unsupported(f"template {function.name} needs attribute {name!r}, which the node does not set")
         attributes.append(make_attribute(name, value, attr_types.get(name)))
     return inputs, attributes
+
+
+#: ops that ONNX Runtime fuses with the Add producing their input into one kernel that rounds differently
+#: (Add + LayerNormalization -> SkipLayerNormalization; Add + a written-out RMSNorm, which starts with Pow or Mul(x, x)
+#: -> SkipSimplifiedLayerNormalization; bias Add + GELU -> BiasGelu). An extra reader of the Add's output would
+#: stop the fusion.
+_SKIP_NORM_READERS = {"LayerNormalization", "Pow"}
+
+
+def _unfused(ctx: BindContext, tensor: str) -> str:
+    """``tensor``, or a recomputed copy of it where reading it would stop one of ONNX Runtime's fusions and so
+    change the original outputs in their last bits (Add is exact: the copy has the same value)."""
+    if ctx.add_node is None or tensor not in ctx.view.activations:
+        return tensor
+    producers, readers = ctx.view.forward_index
+    producer = producers.get(tensor)
+    if producer is not None and producer.op_type == "Gemm" and \
+            [n.op_type for n in readers.get(tensor, [])] in ([op] for op in _GEMM_ACTIVATIONS):
+        return _recompute_gemm(ctx, tensor, producer)
+    if producer is None or producer.op_type != "Add":
+        return tensor
+    if not any(n.op_type in _SKIP_NORM_READERS or (n.op_type == "Mul" and list(n.input) == [tensor, tensor])
+               or _starts_gelu(n, readers) for n in readers.get(tensor, [])):
+        return tensor
+    return _recompute_add(ctx, tensor)
+
+
+def _starts_gelu(node: onnx.NodeProto, readers: dict) -> bool:
+    """A Div or Mul feeding an Erf: the start of a GELU, which ONNX Runtime fuses with the bias Add before it
+    (BiasGelu)."""
+    return node.op_type in ("Div", "Mul") and any(n.op_type == "Erf" for n in readers.get(node.output[0], []))
+
+
+#: activations that ONNX Runtime folds into the Gemm before them (FusedGemm), computing them its own way.
+_GEMM_ACTIVATIONS = {"Relu", "Tanh", "Sigmoid", "LeakyRelu", "HardSigmoid", "Elu", "Selu", "Softsign"}
+
+
+def _recompute_gemm(ctx: BindContext, tensor: str, gemm: onnx.NodeProto) -> str:
+    """The Gemm's output recomputed as MatMul (+ Add): for the rules only (close, not bit-identical), so that the
+    forward's Gemm keeps its single reader and its fusion with the activation."""
+    memo = ctx.view.__dict__.setdefault("_recomputed", {})
+    if tensor in memo:
+        return memo[tensor]
+    attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+    a, b = gemm.input[0], gemm.input[1]
+    if attrs.get("transA", 0):
+        a = ctx.add_node("Transpose", [a], f"{a}__t")
+    if attrs.get("transB", 0):
+        b = ctx.add_node("Transpose", [b], f"{b}__t")
+    out = ctx.add_node("MatMul", [a, b], f"{tensor}__recomputed_ab")
+    dtype = ctx.dtype(tensor)
+    if float(attrs.get("alpha", 1.0)) != 1.0:
+        out = ctx.add_node("Mul", [out, ctx.add_constant(f"{gemm.name}__alpha", np.array(attrs["alpha"], dtype))],
+                           f"{tensor}__recomputed_alpha")
+    if len(gemm.input) > 2 and gemm.input[2]:
+        c = gemm.input[2]
+        if float(attrs.get("beta", 1.0)) != 1.0:
+            c = ctx.add_node("Mul", [c, ctx.add_constant(f"{gemm.name}__beta", np.array(attrs["beta"], dtype))],
+                             f"{tensor}__recomputed_beta")
+        out = ctx.add_node("Add", [out, c], f"{tensor}__recomputed")
+    memo[tensor] = out
+    return out
+
+
+def _recompute_add(ctx: BindContext, tensor: str) -> str:
+    """A copy of ``tensor`` = Add(a, b), as a - (-b): bit for bit a + b, and no common-subexpression pass merges it
+    back into the forward's Add (reading a and b themselves stops no fusion)."""
+    producer = ctx.view.forward_index[0][tensor]
+    memo = ctx.view.__dict__.setdefault("_recomputed", {})
+    if tensor not in memo:
+        a, b = producer.input
+        memo[tensor] = ctx.add_node("Sub", [a, ctx.add_node("Neg", [b], f"{b}__negated")], f"{tensor}__recomputed")
+    return memo[tensor]
 
 
 def make_attribute(name: str, value: Any, attr_type: int | None) -> AttributeProto:
@@ -418,9 +492,25 @@ def _axis(ctx: BindContext, tensor: str, default: int = 0) -> int:
     return axis + ctx.rank(tensor) if axis < 0 else axis
 
 
+def concat_variant(ctx: BindContext) -> str | None:
+    """"runtime" when some input's size along the axis is unknown statically (dynamic sequence lengths)."""
+    axis = _axis(ctx, ctx.node.output[0])
+    shapes = [ctx.view.shape(name) for name in ctx.node.input]
+    return "runtime" if any(s is None or s[axis] is None for s in shapes) else None
+
+
 def bind_concat(ctx: BindContext) -> Binding:
     node = ctx.node
     axis = _axis(ctx, node.output[0])
+    if concat_variant(ctx) == "runtime":
+        sizes = []
+        if ctx.x:
+            index = ctx.add_constant(f"{node.name}__axis", np.array([axis], dtype=np.int64))
+            sizes = [ctx.add_node("Gather", [ctx.add_node("Shape", [name], f"{name}__shape"), index],
+                                  f"{name}__size") for name in node.input[: ctx.x]]
+        offset = (ctx.add_constant(f"{node.name}__zero", np.array([0], dtype=np.int64)) if not sizes else
+                  sizes[0] if len(sizes) == 1 else ctx.add_node("Sum", sizes, f"{node.name}__offset_{ctx.x}"))
+        return {"Offset": offset}, {"axes": [axis]}
     sizes = [ctx.static_shape(name, axis=axis)[axis] for name in node.input]
     start = sum(sizes[: ctx.x])
     return {}, {"starts": [start], "ends": [start + sizes[ctx.x]], "axes": [axis]}
@@ -466,9 +556,9 @@ def bind_pad(ctx: BindContext) -> Binding:
         raise Unsupported(f"Pad mode {mode!r} (only constant padding is supported)")
     if len(node.input) > 3 and node.input[3]:
         raise Unsupported("Pad with an axes input is not supported")
+    if pad_variant(ctx) == "runtime":
+        return {}, {}
     pads = ctx.view.constant_value(node.input[1])
-    if pads is None:
-        raise Unsupported("Pad with non-constant pads is not supported")
     pads = [int(p) for p in np.asarray(pads).ravel()]
     if any(p < 0 for p in pads):
         raise Unsupported("Pad with negative pads (cropping) is not supported")
@@ -494,6 +584,8 @@ def bind_normalization(ctx: BindContext) -> Binding:
         axis = int(ctx.attr("axis", -1)) % rank
         axes = list(range(axis, rank))
         epsilon = ctx.attr("epsilon", 1e-5)
+    if node.op_type == "RMSNormalization":  # its weight is a Mul node of its own (patterns/rmsnorm.py)
+        return {}, {"axes": axes, "epsilon": float(epsilon)}
     if scale is None:
         scale = ctx.add_constant(f"{node.name}__unit_scale", np.ones([], dtype=ctx.dtype(x)))
     return {"Scale": scale}, {"axes": axes, "epsilon": float(epsilon)}
@@ -519,6 +611,11 @@ def bind_bilinear(ctx: BindContext) -> Binding:
     return {}, {"perm": list(range(rank - 2)) + [rank - 1, rank - 2]}
 
 
+def pad_variant(ctx: BindContext) -> str | None:
+    """"runtime" for pads computed in the graph (from shapes); they must be non-negative (no cropping)."""
+    return "runtime" if ctx.view.constant_value(ctx.node.input[1]) is None else None
+
+
 def fused_summand(view: GraphView, add_index: int) -> int | None:
     """The input of a two-input Add that ONNX Runtime fuses into the Conv producing it (the first one that
     comes from a Conv read by nothing else). The relevance pass must not read that tensor: an extra reader
@@ -539,7 +636,8 @@ def add_variant(ctx: BindContext) -> str | None:
 
 
 VARIANTS: dict[str, Callable[[BindContext], str | None]] = {"conv": conv_variant, "add": add_variant,
-                                                             "maxpool": maxpool_variant}
+                                                             "maxpool": maxpool_variant, "concat": concat_variant,
+                                                             "pad": pad_variant}
 
 BINDERS: dict[str, Callable[[BindContext], Binding]] = {
     "conv": bind_conv,

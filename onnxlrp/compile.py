@@ -179,6 +179,7 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
         raise OnnxlrpError(f"{source}: {exc}") from None
     proto = read_model(model)
     check(proto, source)
+    declared = {vi.name for vi in proto.graph.value_info}
     proto, applied = canonicalize(proto, source)
     rule_nodes, recognised = recognise(proto)  # what the rules see; the forward keeps its nodes
     applied += [f"recognised {label} x{count}" for label, count in sorted(recognised.items())]
@@ -190,6 +191,11 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
     unknown = view.incomplete_shapes(sorted(tensors))
     if unknown:
         view.fill_shapes(probe_shapes(view, unknown))
+    # the forward keeps only the shapes the model declared: ONNX Runtime fuses more (e.g. SkipLayerNormalization)
+    # where it knows more shapes, and the original outputs must stay bit-identical (view.info keeps them all)
+    kept = [vi for vi in proto.graph.value_info if vi.name in declared]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
     rules = assign_rules(view, path, chosen)
 
     builder = _Builder(taken=_all_names(proto))

@@ -2,6 +2,7 @@
 consumes what, and which nodes lie on the relevance path to the explained tensor (networkx for reachability)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -103,6 +104,17 @@ class GraphView:
                     if out and self.info.get(out, TensorInfo()).elem_type in FLOAT_TYPES | {0}:
                         active.add(out)
         return active
+
+    @functools.cached_property
+    def forward_index(self) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+        """(producer, readers) of every tensor in the forward graph (``nodes`` may hold recognised patterns)."""
+        producer, readers = {}, {}
+        for node in self.model.graph.node:
+            for out in node.output:
+                producer[out] = node
+            for inp in node.input:
+                readers.setdefault(inp, []).append(node)
+        return producer, readers
 
     def activation_inputs(self, index: int) -> list[int]:
         """Positions of the node's inputs that carry activations."""

@@ -566,13 +566,23 @@ def bind_pad(ctx: BindContext) -> Binding:
 
 
 def bind_normalization(ctx: BindContext) -> Binding:
-    """LayerNormalization / RMSNormalization (op or recognised pattern), InstanceNormalization: the normalised
-    axes, epsilon, and the scale broadcast against the input (1 when there is none)."""
+    """LayerNormalization / RMSNormalization (op or recognised pattern), InstanceNormalization, GroupNormalization:
+    the normalised axes (groups), epsilon, and the scale broadcast against the input (1 when there is none)."""
     node, x = ctx.node, ctx.node.input[0]
     if ctx.x != 0:
         raise Unsupported("relevance for a normalisation's scale or bias is undefined (they must be constants)")
     rank = ctx.rank(x)
     scale = node.input[1] if len(node.input) > 1 and node.input[1] else None
+    if node.op_type == "GroupNormalization":
+        groups, channels = int(ctx.attr("num_groups")), ctx.static_shape(x, axis=1)[1]
+        value = ctx.view.constant_value(scale)
+        if value is None:
+            raise Unsupported("GroupNormalization with a non-constant scale")
+        value = np.asarray(value).reshape(-1)
+        if value.size == groups and groups != channels:  # opset 18: one scale per group
+            value = np.repeat(value, channels // groups)
+        scale = ctx.add_constant(f"{node.name}__scale", value.reshape([-1] + [1] * (rank - 2)))
+        return {"Scale": scale}, {"group_shape": [0, groups, -1], "epsilon": float(ctx.attr("epsilon", 1e-5))}
     if node.op_type == "InstanceNormalization":
         axes = list(range(2, rank))
         value = ctx.view.constant_value(scale)

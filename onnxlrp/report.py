@@ -32,6 +32,7 @@ def inspect_text(plan: Plan) -> str:
              f"composite: {plan.composite.name} (Zennit: {plan.composite.zennit}), signal: {plan.composite.signal}",
              f"parameters: {json.dumps(plan.params, sort_keys=True)}",
              f"canonicalizations: {', '.join(plan.canonicalizations) or 'none'}",
+             f"recognised on the relevance path: {_recognised(plan) or 'nothing'}",
              *_token_ids_lines(plan),
              f"relevance path: {len(plan.records)} nodes", "",
              _table(["node", "op", "category", "rule", "template", "bias", "parameters"], rows), ""]
@@ -53,6 +54,13 @@ def _token_ids_lines(plan: Plan) -> list[str]:
                         for x in meta["lookups"]) or "none reaches the explained output (relevance 0)"
     return [f"token ids: {meta['input']} -> {meta['output']} = per-token sum over the hidden axis at lookup "
             f"{lookups}", f"no relevance: {', '.join(meta['no_relevance']) or 'none'}"]
+
+
+def _recognised(plan: Plan) -> str:
+    """The transformer concepts the rules see (attention scores, softmax, layer norm, GELU, ...), counted."""
+    from .patterns import recognised_labels
+    path = [i for i, node in enumerate(plan.view.nodes) if node.name in {r.node for r in plan.records}]
+    return ", ".join(f"{label} x{n}" for label, n in sorted(recognised_labels(plan.view.nodes, path).items()))
 
 
 def _bias(plan: Plan, record) -> str:

@@ -14,6 +14,7 @@ from helpers import run_function, template_relevance
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxlrp.compile import compile_model, make_plan
+from onnxlrp.report import inspect_text
 
 RNG = np.random.default_rng(12)
 erf = np.vectorize(math.erf)
@@ -174,6 +175,34 @@ def test_instancenorm_rules():
     full = template_relevance(node, x, r, "gradient", weights)
     np.testing.assert_allclose(full, vjp(lambda t: layernorm(t, s, bias.reshape(3, 1, 1), axes, 1e-5), x, r),
                                rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("groups", [3, 1, 6])
+def test_groupnorm_rules(groups):
+    x, r = f32(2, 6, 3, 5), f32(2, 6, 3, 5)
+    scale, bias = f32(6), f32(6)
+    node = helper.make_node("GroupNormalization", ["x", "scale", "bias"], ["y"], num_groups=groups, epsilon=1e-5)
+    weights = {"scale": scale, "bias": bias}  # opset 21: per channel
+    s, b = scale.reshape(6, 1, 1), bias
+
+    def grouped(f, t, *a):
+        return f(t.reshape(2, groups, -1), *a).reshape(t.shape)
+    sd = grouped(lambda t: np.broadcast_to(np.sqrt(t.var(axis=2, keepdims=True) + 1e-5), t.shape),
+                 x.astype(np.float64))
+    g = s * r
+    got = template_relevance(node, x, r, "lxt_identity", weights, opset=21)
+    np.testing.assert_allclose(got, (g - grouped(lambda t: np.broadcast_to(t.mean(axis=2, keepdims=True), t.shape),
+                                                 g)) / sd, rtol=1e-4, atol=1e-4)
+
+    def forward(t):
+        n = grouped(lambda u: (u - u.mean(axis=2, keepdims=True)) / np.sqrt(u.var(axis=2, keepdims=True) + 1e-5), t)
+        return n * s + b.reshape(6, 1, 1)
+    full = template_relevance(node, x, r, "gradient", weights, opset=21)
+    np.testing.assert_allclose(full, vjp(forward, x, r), rtol=1e-3, atol=1e-3)
+    rel = template_relevance(node, x, r, "lxt", weights, opset=21)
+    c = s * r / stab(forward(x.astype(np.float64)))
+    cm = grouped(lambda t: np.broadcast_to(t.mean(axis=2, keepdims=True), t.shape), c)
+    np.testing.assert_allclose(rel, x * (c - cm) / sd, rtol=1e-3, atol=1e-3)
 
 
 def test_rmsnorm_rules():
@@ -393,6 +422,10 @@ def test_attention_block_matches_lxt(tmp_path, gated):
     labels = " ".join(plan.canonicalizations)
     for label in ("GELU", "attention scores", "attention values") + (("gated product",) if gated else ()):
         assert label in labels
+    shown = inspect_text(plan).splitlines()[4]
+    assert shown.startswith("recognised on the relevance path:")
+    for label in ("attention scores x1", "attention values x1", "softmax x1", "layer norm x2", "GELU x1"):
+        assert label in shown
     target = np.array([0, 2])
     for composite, mode in (("attnlrp", "attn"), ("cplrp", "cp"), ("gradient", None)):
         session = ort.InferenceSession(compile_model(path, composite).SerializeToString(),

@@ -57,10 +57,27 @@ def recognise(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], Counter]:
             last = max(match.absorbed)
             name = g.nodes[last].name or f"{g.nodes[last].op_type}_{last}"
             match.node.name = name
+            match.node.doc_string = match.label  # what `inspect` calls it
             replaced[last] = match.node
             found[match.label] += 1
         nodes = [replaced.get(i, node) for i, node in enumerate(nodes) if i in replaced or i not in taken]
     return nodes, found
+
+
+#: what `inspect` calls a node of the rules' view that no pattern labelled (a recognised op of its own)
+OP_LABELS = {"Softmax": "softmax", "LayerNormalization": "layer norm", "RMSNormalization": "RMS norm",
+             "InstanceNormalization": "instance norm", "GroupNormalization": "group norm", "Gelu": "GELU"}
+
+
+def recognised_labels(nodes: list[onnx.NodeProto], indices) -> Counter:
+    """How many of the given nodes are each recognised concept (for `inspect`)."""
+    found: Counter = Counter()
+    for index in indices:
+        node = nodes[index]
+        label = node.doc_string if node.domain == PATTERN_DOMAIN else OP_LABELS.get(node.op_type)
+        if label:
+            found[label] += 1
+    return found
 
 
 def _self_contained(g: GraphView, match: Match) -> bool:

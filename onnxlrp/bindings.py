@@ -645,9 +645,14 @@ def add_variant(ctx: BindContext) -> str | None:
     return "complement" if fused_summand(ctx.view, ctx.index) == ctx.x else None
 
 
+def gelu_variant(ctx: BindContext) -> str | None:
+    """"tanh" for GELU's tanh approximation (op attribute, or recognised by patterns/gelu.py)."""
+    return "tanh" if ctx.text("approximate", "none") == "tanh" else None
+
+
 VARIANTS: dict[str, Callable[[BindContext], str | None]] = {"conv": conv_variant, "add": add_variant,
                                                              "maxpool": maxpool_variant, "concat": concat_variant,
-                                                             "pad": pad_variant}
+                                                             "pad": pad_variant, "gelu": gelu_variant}
 
 BINDERS: dict[str, Callable[[BindContext], Binding]] = {
     "conv": bind_conv,

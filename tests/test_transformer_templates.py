@@ -299,6 +299,19 @@ def test_gelu_erf_pattern(order):
     _check(model, "GELU", gelu, lambda h, g: gelu(h) / (h + 1e-10) * g)
 
 
+def gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def test_gelu_tanh_pattern():
+    nodes = [helper.make_node("Pow", ["h", "three"], ["h3"]), helper.make_node("Mul", ["h3", "c"], ["ch3"]),
+             helper.make_node("Add", ["h", "ch3"], ["i"]), helper.make_node("Mul", ["i", "k"], ["u"]),
+             helper.make_node("Tanh", ["u"], ["t"]), helper.make_node("Add", ["t", "one"], ["a"]),
+             helper.make_node("Mul", ["h", "half"], ["hh"]), helper.make_node("Mul", ["hh", "a"], ["p"])]
+    consts = {"three": _c(3.0), "c": _c(0.044715), "k": _c(math.sqrt(2 / math.pi)), "one": _c(1.0), "half": _c(0.5)}
+    _check(_chain(nodes, consts), "GELU", gelu_tanh, lambda h, g: gelu_tanh(h) / (h + 1e-10) * g)
+
+
 def test_silu_pattern():
     model = _chain([helper.make_node("Sigmoid", ["h"], ["s"]), helper.make_node("Mul", ["s", "h"], ["p"])], {})
     _check(model, "SiLU", silu, lambda h, g: silu(h) / (h + 1e-10) * g)

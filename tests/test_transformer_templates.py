@@ -450,3 +450,33 @@ def test_attention_block_matches_lxt(tmp_path, gated):
         block.mode = None
         expected = (xg * xg.grad).detach().numpy()
         assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5, composite
+
+
+# --- routing with run-time sizes (dynamic sequence lengths), HardSwish, Sub ----------------------------------------
+
+def test_concat_and_pad_gradients_with_run_time_sizes():
+    x, r = f32(2, 3, 4), f32(2, 8, 4)
+    got = run_function("concat_gradient_runtime", [x, np.array([2], dtype=np.int64), r], {"axes": [1]})[0]
+    np.testing.assert_array_equal(got, r[:, 2:5])
+    pads = np.array([0, 1, 2, 0, 4, 1], dtype=np.int64)  # begins, ends per axis
+    r = f32(2, 8, 7)
+    got = run_function("pad_gradient_runtime", [x, pads, r], {})[0]
+    np.testing.assert_array_equal(got, r[:, 1:4, 2:6])
+
+
+def test_hardswish_gradient():
+    x = np.array([[-4.0, -3.5, -2.0, -0.5, 0.0, 0.7, 2.5, 3.2, 5.0]], dtype=np.float32)
+    r = f32(1, 9)
+    node = helper.make_node("HardSwish", ["x"], ["y"])
+    got = template_relevance(node, x, r, "gradient")
+    np.testing.assert_allclose(got, vjp(lambda t: t * np.clip(t / 6 + 0.5, 0, 1), x, r), rtol=1e-4, atol=1e-6)
+
+
+def test_sub_norm_splits_like_a_sum():
+    a, b, r = f32(2, 5), f32(2, 5), f32(2, 5)
+    node = helper.make_node("Sub", ["a", "b"], ["y"])
+    ra = template_relevance(node, a, r, "norm", x_index=0, extra_inputs={"b": b})
+    rb = template_relevance(node, a, r, "norm", x_index=1, extra_inputs={"b": b})
+    y = a.astype(np.float64) - b
+    np.testing.assert_allclose(ra, a * r / stab(y), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(rb, -b * r / stab(y), rtol=1e-4, atol=1e-6)

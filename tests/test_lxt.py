@@ -90,42 +90,82 @@ def cpu_session(model: onnx.ModelProto | str) -> ort.InferenceSession:
     return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
 
 
+@pytest.fixture(scope="module")
+def compiled(exports):
+    """compiled(name, exporter, composite, bias) -> (compiled model, word-embedding tensor or None), cached."""
+    cache = {}
+
+    def get(name: str, exporter: str, composite: str, bias: bool = False):
+        key = (name, exporter, composite, bias)
+        if key not in cache:
+            path = exports(name, exporter)
+            embedding = word_embedding_output(onnx.load(str(path))) if name != "vit" else None
+            model = onnxlrp.compile_model(str(path), composite, relevance_at=[embedding] if embedding else [],
+                                          bias_relevance="layers" if bias else None)
+            cache[key] = model, embedding
+        return cache[key]
+
+    return get
+
+
+def _run(exports, compiled, name, exporter, composite, bias=False):
+    """(original logits on ORT, inputs, per target: dict output name -> value of the compiled model)."""
+    path = exports(name, exporter)
+    model, embedding = compiled(name, exporter, composite, bias)
+    inputs = sample_inputs(name)
+    original = cpu_session(str(path))
+    feeds = {i.name: inputs[i.name] for i in original.get_inputs()}
+    (logits,) = original.run(["logits"], feeds)
+    session = cpu_session(model)
+    names = ["logits", LEAF[name]] + ([embedding + "_relevance"] if embedding else []) + \
+        (["bias_relevance"] if bias else [])
+    runs = [dict(zip(names, session.run(names, {**feeds, "target": target}))) for target in TARGETS]
+    return logits, inputs, runs, embedding
+
+
+LEAF = {"bert": "input_ids_relevance", "llama": "input_ids_relevance", "vit": "pixel_values_relevance"}
+
+
 @pytest.mark.parametrize("composite", COMPOSITES)
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("name", NAMES)
-def test_equals_lxt(lxt, exports, name, exporter, composite):
+def test_equals_lxt(lxt, exports, compiled, name, exporter, composite):
     reference = lxt[composite]
-    path = exports(name, exporter)
-    original = onnx.load(str(path))
-    text = name != "vit"
-    embedding = word_embedding_output(original) if text else None
-    relevance_composite = composite != "gradient"
-    compiled = onnxlrp.compile_model(str(path), composite, relevance_at=[embedding] if text else [],
-                                     bias_relevance="layers" if relevance_composite else None)
-    inputs = sample_inputs(name)
-    feeds = {i.name: inputs[i.name] for i in cpu_session(str(path)).get_inputs()}
-    (expected_logits,) = cpu_session(str(path)).run(["logits"], feeds)
-    np.testing.assert_allclose(expected_logits, reference[f"{name}/logits"], rtol=1e-4, atol=1e-5)
-    session = cpu_session(compiled)
-    leaf = "input_ids_relevance" if text else "pixel_values_relevance"
-    names = ["logits", leaf] + ([embedding + "_relevance"] if text else []) + \
-        (["bias_relevance"] if relevance_composite else [])
-    for k, target in enumerate(TARGETS):
-        values = dict(zip(names, session.run(names, {**feeds, "target": target})))
-        assert np.array_equal(values["logits"], expected_logits), "original output changed by compiling"
-        for key in names[1:]:
-            assert np.isfinite(values[key]).all(), f"{key} not finite"
-        if text:
+    logits, inputs, runs, embedding = _run(exports, compiled, name, exporter, composite)
+    np.testing.assert_allclose(logits, reference[f"{name}/logits"], rtol=1e-4, atol=1e-5)
+    leaf = LEAF[name]
+    for k, values in enumerate(runs):
+        for key, value in values.items():
+            assert np.isfinite(value).all(), f"{key} not finite"
+        if embedding:
             assert values[leaf].shape == inputs["input_ids"].shape and values[leaf].dtype == np.float32
-            expected_tokens = reference[f"{name}/t{k}/tokens"]
-            assert rel_l2(values[leaf], expected_tokens) <= TOLERANCE, (leaf, k)
+            assert rel_l2(values[leaf], reference[f"{name}/t{k}/tokens"]) <= TOLERANCE, (leaf, k)
             if "attention_mask" in inputs:  # padded positions get exactly 0
                 assert (values[leaf][inputs["attention_mask"] == 0] == 0).all()
             assert rel_l2(values[embedding + "_relevance"], reference[f"{name}/t{k}/embedding"]) <= TOLERANCE
         else:
             assert rel_l2(values[leaf], reference[f"{name}/t{k}/embedding"]) <= TOLERANCE, (leaf, k)
-        if relevance_composite:  # input + absorbed shares (biases, softmax, constant adds) = target logit
-            start = expected_logits[np.arange(len(target)), target]
-            parts = [values[leaf].reshape(len(target), -1).sum(1), values["bias_relevance"].sum(1)]
-            scale = np.abs(values[leaf]).reshape(len(target), -1).sum(1) + np.abs(values["bias_relevance"]).sum(1)
-            assert np.all(np.abs(parts[0] + parts[1] - start) <= 1e-5 * scale + 1e-6), (parts, start)
+
+
+@pytest.mark.parametrize("composite", COMPOSITES)
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", NAMES)
+def test_original_output_bit_identical(exports, compiled, name, exporter, composite):
+    logits, _, runs, _ = _run(exports, compiled, name, exporter, composite)
+    for values in runs:
+        assert np.array_equal(values["logits"], logits), \
+            f"logits changed by compiling: max diff {np.abs(values['logits'] - logits).max():.1e}"
+
+
+@pytest.mark.parametrize("composite", ("attnlrp", "cplrp"))
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", NAMES)
+def test_conservation(exports, compiled, name, exporter, composite):
+    """Input relevance + the shares absorbed by biases, softmax and constant adds = the target logit."""
+    logits, _, runs, _ = _run(exports, compiled, name, exporter, composite, bias=True)
+    for target, values in zip(TARGETS, runs):
+        start = logits[np.arange(len(target)), target]
+        relevance = values[LEAF[name]].reshape(len(target), -1)
+        total = relevance.sum(1) + values["bias_relevance"].sum(1)
+        scale = np.abs(relevance).sum(1) + np.abs(values["bias_relevance"]).sum(1)
+        assert np.all(np.abs(total - start) <= 1e-5 * scale + 1e-6), (total, start)

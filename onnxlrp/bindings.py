@@ -590,6 +590,9 @@ def bind_normalization(ctx: BindContext) -> Binding:
             raise Unsupported("InstanceNormalization with a non-constant scale")
         scale = ctx.add_constant(f"{node.name}__scale", np.asarray(value).reshape([-1] + [1] * (rank - 2)))
         epsilon = ctx.attr("epsilon", 1e-5)
+    elif ctx.attr("axes") is not None:  # a recognised LayerNorm over other than the trailing axes
+        axes = sorted(int(a) % rank for a in ctx.attr("axes"))
+        epsilon = ctx.attr("epsilon", 1e-5)
     else:
         axis = int(ctx.attr("axis", -1)) % rank
         axes = list(range(axis, rank))

@@ -338,6 +338,30 @@ def test_written_out_layernorm_pattern(inverse):
            lambda h, g: _ln_detached(h, g * gamma))
 
 
+def test_written_out_layernorm_over_channels():
+    """Hugging Face ConvNeXt's channels_first LayerNorm: (x - mean_c) / sqrt(var_c + eps) over axis 1 of NCHW."""
+    x = np.random.default_rng(3).standard_normal((2, 4, 3, 5)).astype(np.float32)
+    w = RNG.standard_normal((4 * 3 * 5, 3)).astype(np.float32)
+    nodes = [helper.make_node("ReduceMean", ["x", "one"], ["mu"]), helper.make_node("Sub", ["x", "mu"], ["d"]),
+             helper.make_node("Pow", ["d", "two"], ["d2"]), helper.make_node("ReduceMean", ["d2", "one"], ["v"]),
+             helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
+             helper.make_node("Div", ["d", "sd"], ["n"]), helper.make_node("Flatten", ["n"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    inits = {"one": np.array([1], dtype=np.int64), "two": _c(2.0), "eps": _c(1e-6), "w": w}
+    graph = helper.make_graph(nodes, "ln_c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 3, 5])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 3])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    assert any("layer norm" in c for c in make_plan(model, "attnlrp").canonicalizations)
+    session = ort.InferenceSession(compile_model(model, "attnlrp").SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    target = np.array([0, 2])
+    rel = session.run(["x_relevance"], {"x": x, "target": target})[0]
+    g = w.T[target].reshape(2, 4, 3, 5).astype(np.float64)
+    sd = np.sqrt(x.astype(np.float64).var(axis=1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(rel, x * (g - g.mean(axis=1, keepdims=True)) / sd, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("inverse", ["Div", "Reciprocal"])
 def test_written_out_rmsnorm_pattern(inverse):
     nodes = [helper.make_node("Pow", ["h", "two"], ["h2"]), helper.make_node("ReduceMean", ["h2", "last"], ["m"]),

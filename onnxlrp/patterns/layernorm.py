@@ -3,7 +3,8 @@
     before:  m = ReduceMean(x, axes);  d = Sub(x, m);  v = ReduceMean(Pow(d, 2) | Mul(d, d), axes)
              s = Sqrt(Add(v, eps));    y = Div(d, s) | Mul(d, Reciprocal(s))
     after:   y = LayerNormalization(x)  <axis, epsilon>   (onnxlrp.pattern; no scale or bias: a following
-             Mul(gamma) / Add(beta) stay affine nodes of their own)
+             Mul(gamma) / Add(beta) stay affine nodes of their own; <axes> instead of <axis> when the
+             normalised axes are not the trailing ones, e.g. the channels of NCHW)
 """
 from __future__ import annotations
 
@@ -60,11 +61,15 @@ def match(g, index: int) -> Match | None:
             continue
         if any(a.name == "keepdims" and a.i == 0 for a in g.nodes[mean].attribute):
             continue
-        axis = trailing_axis(g, x, found[1])
-        if axis is None:
+        if not found[1]:
             continue
+        axis = trailing_axis(g, x, found[1])
         absorbed += [sub, mean]
-        virtual = helper.make_node("LayerNormalization", [x], [node.output[0]], domain=PATTERN_DOMAIN,
-                                   axis=axis, epsilon=found[2])
+        if axis is not None:
+            virtual = helper.make_node("LayerNormalization", [x], [node.output[0]], domain=PATTERN_DOMAIN,
+                                       axis=axis, epsilon=found[2])
+        else:  # e.g. over the channels of NCHW (Hugging Face ConvNeXt's channels_first LayerNorm)
+            virtual = helper.make_node("LayerNormalization", [x], [node.output[0]], domain=PATTERN_DOMAIN,
+                                       axes=found[1], epsilon=found[2])
         return Match(virtual, absorbed, LABEL)
     return None

@@ -109,9 +109,12 @@ def bind(ctx: BindContext, function: onnx.FunctionProto, attr_types: dict[str, i
     """Actual inputs (in formal order) and attributes of the call to ``function`` for this context."""
     extra_inputs, extra_attrs = BINDERS[binder](ctx) if binder else ({}, {})
     node = ctx.node
-    schema = onnx.defs.get_schema(node.op_type, max_inclusive_version=ctx.opset, domain="")
-    in_names = [p.name for p in schema.inputs]
-    out_names = [p.name for p in schema.outputs]
+    try:  # recognised patterns (domain onnxlrp.pattern) and ops newer than the model's opset have none
+        schema = onnx.defs.get_schema(node.op_type, max_inclusive_version=ctx.opset, domain="")
+    except onnx.defs.SchemaError:
+        schema = None
+    in_names = [p.name for p in schema.inputs] if schema else []
+    out_names = [p.name for p in schema.outputs] if schema else []
     inputs = []
     for formal in function.input:
         if formal in extra_inputs:
@@ -141,6 +144,7 @@ def bind(ctx: BindContext, function: onnx.FunctionProto, attr_types: dict[str, i
         if not actual:
             raise Unsupported(f"template {function.name} needs input {formal!r}, which the node does not have")
         inputs.append(actual)
+    inputs = [_unfused(ctx, name) for name in inputs]
     attributes = []
     for name in function.attribute:
         if name in extra_attrs:
@@ -156,12 +160,85 @@ def bind(ctx: BindContext, function: onnx.FunctionProto, attr_types: dict[str, i
                                       f"{channels if channels is not None else 'an unknown number of'} channels")
         elif ctx.attr(name) is not None:
             value = ctx.attr(name)
-        elif name in schema.attributes and schema.attributes[name].default_value.type:
+        elif schema and name in schema.attributes and schema.attributes[name].default_value.type:
             value = helper.get_attribute_value(schema.attributes[name].default_value)
         else:
             raise Unsupported(f"template {function.name} needs attribute {name!r}, which the node does not set")
         attributes.append(make_attribute(name, value, attr_types.get(name)))
     return inputs, attributes
+
+
+#: ops that ONNX Runtime fuses with the Add producing their input into one kernel that rounds differently
+#: (Add + LayerNormalization -> SkipLayerNormalization; Add + a written-out RMSNorm, which starts with Pow or Mul(x, x)
+#: -> SkipSimplifiedLayerNormalization; bias Add + GELU -> BiasGelu). An extra reader of the Add's output would
+#: stop the fusion.
+_SKIP_NORM_READERS = {"LayerNormalization", "Pow"}
+
+
+def _unfused(ctx: BindContext, tensor: str) -> str:
+    """``tensor``, or a recomputed copy of it where reading it would stop one of ONNX Runtime's fusions and so
+    change the original outputs in their last bits (Add is exact: the copy has the same value)."""
+    if ctx.add_node is None or tensor not in ctx.view.activations:
+        return tensor
+    producers, readers = ctx.view.forward_index
+    producer = producers.get(tensor)
+    if producer is not None and producer.op_type == "Gemm" and \
+            [n.op_type for n in readers.get(tensor, [])] in ([op] for op in _GEMM_ACTIVATIONS):
+        return _recompute_gemm(ctx, tensor, producer)
+    if producer is None or producer.op_type != "Add":
+        return tensor
+    if not any(n.op_type in _SKIP_NORM_READERS or (n.op_type == "Mul" and list(n.input) == [tensor, tensor])
+               or _starts_gelu(n, readers) for n in readers.get(tensor, [])):
+        return tensor
+    return _recompute_add(ctx, tensor)
+
+
+def _starts_gelu(node: onnx.NodeProto, readers: dict) -> bool:
+    """A Div or Mul feeding an Erf: the start of a GELU, which ONNX Runtime fuses with the bias Add before it
+    (BiasGelu)."""
+    return node.op_type in ("Div", "Mul") and any(n.op_type == "Erf" for n in readers.get(node.output[0], []))
+
+
+#: activations that ONNX Runtime folds into the Gemm before them (FusedGemm), computing them its own way.
+_GEMM_ACTIVATIONS = {"Relu", "Tanh", "Sigmoid", "LeakyRelu", "HardSigmoid", "Elu", "Selu", "Softsign"}
+
+
+def _recompute_gemm(ctx: BindContext, tensor: str, gemm: onnx.NodeProto) -> str:
+    """The Gemm's output recomputed as MatMul (+ Add): for the rules only (close, not bit-identical), so that the
+    forward's Gemm keeps its single reader and its fusion with the activation."""
+    memo = ctx.view.__dict__.setdefault("_recomputed", {})
+    if tensor in memo:
+        return memo[tensor]
+    attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+    a, b = gemm.input[0], gemm.input[1]
+    if attrs.get("transA", 0):
+        a = ctx.add_node("Transpose", [a], f"{a}__t")
+    if attrs.get("transB", 0):
+        b = ctx.add_node("Transpose", [b], f"{b}__t")
+    out = ctx.add_node("MatMul", [a, b], f"{tensor}__recomputed_ab")
+    dtype = ctx.dtype(tensor)
+    if float(attrs.get("alpha", 1.0)) != 1.0:
+        out = ctx.add_node("Mul", [out, ctx.add_constant(f"{gemm.name}__alpha", np.array(attrs["alpha"], dtype))],
+                           f"{tensor}__recomputed_alpha")
+    if len(gemm.input) > 2 and gemm.input[2]:
+        c = gemm.input[2]
+        if float(attrs.get("beta", 1.0)) != 1.0:
+            c = ctx.add_node("Mul", [c, ctx.add_constant(f"{gemm.name}__beta", np.array(attrs["beta"], dtype))],
+                             f"{tensor}__recomputed_beta")
+        out = ctx.add_node("Add", [out, c], f"{tensor}__recomputed")
+    memo[tensor] = out
+    return out
+
+
+def _recompute_add(ctx: BindContext, tensor: str) -> str:
+    """A copy of ``tensor`` = Add(a, b), as a - (-b): bit for bit a + b, and no common-subexpression pass merges it
+    back into the forward's Add (reading a and b themselves stops no fusion)."""
+    producer = ctx.view.forward_index[0][tensor]
+    memo = ctx.view.__dict__.setdefault("_recomputed", {})
+    if tensor not in memo:
+        a, b = producer.input
+        memo[tensor] = ctx.add_node("Sub", [a, ctx.add_node("Neg", [b], f"{b}__negated")], f"{tensor}__recomputed")
+    return memo[tensor]
 
 
 def make_attribute(name: str, value: Any, attr_type: int | None) -> AttributeProto:
@@ -422,9 +499,25 @@ def _axis(ctx: BindContext, tensor: str, default: int = 0) -> int:
     return axis + ctx.rank(tensor) if axis < 0 else axis
 
 
+def concat_variant(ctx: BindContext) -> str | None:
+    """"runtime" when some input's size along the axis is unknown statically (dynamic sequence lengths)."""
+    axis = _axis(ctx, ctx.node.output[0])
+    shapes = [ctx.view.shape(name) for name in ctx.node.input]
+    return "runtime" if any(s is None or s[axis] is None for s in shapes) else None
+
+
 def bind_concat(ctx: BindContext) -> Binding:
     node = ctx.node
     axis = _axis(ctx, node.output[0])
+    if concat_variant(ctx) == "runtime":
+        sizes = []
+        if ctx.x:
+            index = ctx.add_constant(f"{node.name}__axis", np.array([axis], dtype=np.int64))
+            sizes = [ctx.add_node("Gather", [ctx.add_node("Shape", [name], f"{name}__shape"), index],
+                                  f"{name}__size") for name in node.input[: ctx.x]]
+        offset = (ctx.add_constant(f"{node.name}__zero", np.array([0], dtype=np.int64)) if not sizes else
+                  sizes[0] if len(sizes) == 1 else ctx.add_node("Sum", sizes, f"{node.name}__offset_{ctx.x}"))
+        return {"Offset": offset}, {"axes": [axis]}
     sizes = [ctx.static_shape(name, axis=axis)[axis] for name in node.input]
     start = sum(sizes[: ctx.x])
     return {}, {"starts": [start], "ends": [start + sizes[ctx.x]], "axes": [axis]}
@@ -470,13 +563,77 @@ def bind_pad(ctx: BindContext) -> Binding:
         raise Unsupported(f"Pad mode {mode!r} (only constant padding is supported)")
     if len(node.input) > 3 and node.input[3]:
         raise Unsupported("Pad with an axes input is not supported")
+    if pad_variant(ctx) == "runtime":
+        return {}, {}
     pads = ctx.view.constant_value(node.input[1])
-    if pads is None:
-        raise Unsupported("Pad with non-constant pads is not supported")
     pads = [int(p) for p in np.asarray(pads).ravel()]
     if any(p < 0 for p in pads):
         raise Unsupported("Pad with negative pads (cropping) is not supported")
     return {}, {"starts": pads[: len(pads) // 2]}
+
+
+def bind_normalization(ctx: BindContext) -> Binding:
+    """LayerNormalization / RMSNormalization (op or recognised pattern), InstanceNormalization, GroupNormalization:
+    the normalised axes (groups), epsilon, and the scale broadcast against the input (1 when there is none)."""
+    node, x = ctx.node, ctx.node.input[0]
+    if ctx.x != 0:
+        raise Unsupported("relevance for a normalisation's scale or bias is undefined (they must be constants)")
+    rank = ctx.rank(x)
+    scale = node.input[1] if len(node.input) > 1 and node.input[1] else None
+    if node.op_type == "GroupNormalization":
+        groups, channels = int(ctx.attr("num_groups")), ctx.static_shape(x, axis=1)[1]
+        value = ctx.view.constant_value(scale)
+        if value is None:
+            raise Unsupported("GroupNormalization with a non-constant scale")
+        value = np.asarray(value).reshape(-1)
+        if value.size == groups and groups != channels:  # opset 18: one scale per group
+            value = np.repeat(value, channels // groups)
+        scale = ctx.add_constant(f"{node.name}__scale", value.reshape([-1] + [1] * (rank - 2)))
+        return {"Scale": scale}, {"group_shape": [0, groups, -1], "epsilon": float(ctx.attr("epsilon", 1e-5))}
+    if node.op_type == "InstanceNormalization":
+        axes = list(range(2, rank))
+        value = ctx.view.constant_value(scale)
+        if value is None:
+            raise Unsupported("InstanceNormalization with a non-constant scale")
+        scale = ctx.add_constant(f"{node.name}__scale", np.asarray(value).reshape([-1] + [1] * (rank - 2)))
+        epsilon = ctx.attr("epsilon", 1e-5)
+    elif ctx.attr("axes") is not None:  # a recognised LayerNorm over other than the trailing axes
+        axes = sorted(int(a) % rank for a in ctx.attr("axes"))
+        epsilon = ctx.attr("epsilon", 1e-5)
+    else:
+        axis = int(ctx.attr("axis", -1)) % rank
+        axes = list(range(axis, rank))
+        epsilon = ctx.attr("epsilon", 1e-5)
+    if node.op_type == "RMSNormalization":  # its weight is a Mul node of its own (patterns/rmsnorm.py)
+        return {}, {"axes": axes, "epsilon": float(epsilon)}
+    if scale is None:
+        scale = ctx.add_constant(f"{node.name}__unit_scale", np.ones([], dtype=ctx.dtype(x)))
+    return {"Scale": scale}, {"axes": axes, "epsilon": float(epsilon)}
+
+
+def bind_softmax(ctx: BindContext) -> Binding:
+    """The softmax axis as a one-element list (a constant the templates' shape inference can read)."""
+    if ctx.opset < 13:
+        raise Unsupported("Softmax before opset 13 (flattening semantics) is not supported")
+    return {}, {"axes": [int(ctx.attr("axis", -1))]}
+
+
+def bind_bilinear(ctx: BindContext) -> Binding:
+    """MatMul of two activations: the permutation that swaps the other operand's last two axes; batch axes must
+    not broadcast (exporters expand grouped-query heads explicitly)."""
+    a, b = (ctx.view.shape(n) for n in ctx.node.input[:2])
+    if a is None or b is None:
+        raise Unsupported("needs the ranks of both MatMul operands")
+    if len(a) != len(b) or len(a) < 2 or any(p is not None and q is not None and p != q
+                                             for p, q in zip(a[:-2], b[:-2])):
+        raise Unsupported(f"MatMul of activations shaped {a} and {b}: broadcasting batch axes is not supported")
+    rank = len(a)
+    return {}, {"perm": list(range(rank - 2)) + [rank - 1, rank - 2]}
+
+
+def pad_variant(ctx: BindContext) -> str | None:
+    """"runtime" for pads computed in the graph (from shapes); they must be non-negative (no cropping)."""
+    return "runtime" if ctx.view.constant_value(ctx.node.input[1]) is None else None
 
 
 def fused_summand(view: GraphView, add_index: int) -> int | None:
@@ -498,8 +655,14 @@ def add_variant(ctx: BindContext) -> str | None:
     return "complement" if fused_summand(ctx.view, ctx.index) == ctx.x else None
 
 
+def gelu_variant(ctx: BindContext) -> str | None:
+    """"tanh" for GELU's tanh approximation (op attribute, or recognised by patterns/gelu.py)."""
+    return "tanh" if ctx.text("approximate", "none") == "tanh" else None
+
+
 VARIANTS: dict[str, Callable[[BindContext], str | None]] = {"conv": conv_variant, "add": add_variant,
-                                                             "maxpool": maxpool_variant}
+                                                             "maxpool": maxpool_variant, "concat": concat_variant,
+                                                             "pad": pad_variant, "gelu": gelu_variant}
 
 BINDERS: dict[str, Callable[[BindContext], Binding]] = {
     "conv": bind_conv,
@@ -516,4 +679,7 @@ BINDERS: dict[str, Callable[[BindContext], Binding]] = {
     "slice": bind_slice,
     "gather": bind_gather,
     "pad": bind_pad,
+    "normalization": bind_normalization,
+    "bilinear": bind_bilinear,
+    "softmax": bind_softmax,
 }

@@ -17,7 +17,7 @@ from onnxscript.rewriter.rules import common as common_rules
 
 from .errors import OnnxlrpError
 from .load import infer_shapes, upgrade_opset
-from .lrn_pattern import recognise_lrn
+from .patterns.lrn import recognise_lrn
 
 Pass = Callable[[onnx.ModelProto, str], onnx.ModelProto]
 

@@ -170,8 +170,12 @@ def main() -> None:
 @click.option("--baseline", default="zeros", show_default=True,
               help="DeepLIFT (--composite deeplift): the default baseline, zeros or a FILE.npy shaped like one input "
                    "sample; the compiled model takes it as input <input>_baseline.")
+@click.option("--relevance-at", "relevance_at", multiple=True, metavar="TENSOR",
+              help="Also output TENSOR_relevance, the relevance at that tensor, shaped like it (repeatable; e.g. "
+                   "a text model's word-embedding output, a CNN layer).")
 def compile_command(model: Path, output: Path | None, composite: str, explain_output: str | None, inline: bool,
-                    emit_layers: bool, check: bool, bias_relevance: str | None, baseline: str, **options) -> None:
+                    emit_layers: bool, check: bool, bias_relevance: str | None, baseline: str,
+                    relevance_at: tuple[str, ...], **options) -> None:
     """Compile MODEL into an explaining model with an extra input `target` and outputs `<input>_relevance`."""
     from .compile import compile_model
     from .load import model_files
@@ -181,7 +185,8 @@ def compile_command(model: Path, output: Path | None, composite: str, explain_ou
     try:
         check_output(output, protected)
         compiled = compile_model(model, composite, explain_output=explain_output, inline=inline,
-                                 emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline, **options)
+                                 emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline,
+                                 relevance_at=relevance_at, **options)
         report, flagged = check_report(model, composite, explain_output, options) if check else (None, 0)
         write_model_atomically(compiled, output, protected)
     except OnnxlrpError as exc:
@@ -195,7 +200,7 @@ def compile_command(model: Path, output: Path | None, composite: str, explain_ou
 
 @main.command("explain")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-o", "--outdir", type=click.Path(path_type=Path), default=Path("onnxlrp-out"), show_default=True,
               help="Folder for the heatmaps (.png) and raw relevance (.npy).")
 @click.option("--target", "targets", type=int, multiple=True,
@@ -223,18 +228,34 @@ def compile_command(model: Path, output: Path | None, composite: str, explain_ou
               help="Colour scale: each heatmap its own, or one shared by all (comparable heatmaps).")
 @click.option("--zoom", type=click.IntRange(min=1), default=1, show_default=True,
               help="Upscale the PNGs by this integer factor.")
+@click.option("--text", "texts", multiple=True, help="Text to explain (repeatable), for a text model; needs "
+              "--tokenizer. Prints each token with its relevance and writes OUTDIR/text.html and text.json.")
+@click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Hugging Face tokenizer.json for --text (read offline with the tokenizers library).")
+@click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Colour the tokens of --text (auto: when stdout is a terminal).")
 @rule_options
 def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, targets: tuple[int, ...],
                     labels_file: Path | None, json_path: str | None, composites: tuple[str, ...],
                     explain_output: str | None, batch_size: int, size, normalize: str, resize: str, cmap: str,
-                    overlay: bool, colorbar: bool, scale: str, zoom: int, **options) -> None:
+                    overlay: bool, colorbar: bool, scale: str, zoom: int, texts: tuple[str, ...],
+                    tokenizer: Path | None, color: str, **options) -> None:
     """Explain images (PNG/JPEG), folders of them, or .npy arrays: a heatmap PNG, the raw relevance (.npy) and
-    one line per input and target (predicted class, score, explained class, sum of relevance)."""
+    one line per input and target (predicted class, score, explained class, sum of relevance). With --text and
+    --tokenizer: sentences for a text model, each token printed with its relevance."""
     import json
 
     from .explain import explain_files
     from .labels import read_labels_file
     from .save import write_file_atomically
+    if texts or tokenizer:
+        if len(targets) > 1:
+            _fail("--text takes one --target")
+        _explain_texts(model, inputs, texts, tokenizer, outdir, list(composites), targets[0] if targets else None,
+                       color, options)
+        return
+    if not inputs:
+        _fail("give inputs to explain (images, .npy arrays, folders) or --text with --tokenizer")
     to_stdout = json_path == "-"
     log = (lambda m: click.echo(m, err=True)) if to_stdout else _echo
     ctx = click.get_current_context()
@@ -267,6 +288,21 @@ def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, targets
         names = ", ".join(str(f) for f, _ in failures).replace("\r", "\\r").replace("\n", "\\n")
         click.echo(f"onnxlrp: {len(failures)} input(s) failed: {names}", err=True)
         sys.exit(1)
+
+
+def _explain_texts(model: Path, inputs: tuple[Path, ...], texts: tuple[str, ...], tokenizer: Path | None,
+                   outdir: Path, composites: list[str], target: int | None, color: str, options: dict) -> None:
+    from .text import explain_texts
+    if inputs:
+        _fail(f"give either input files or --text, not both (got {inputs[0]})")
+    if not texts or tokenizer is None:
+        _fail("--text and --tokenizer go together")
+    try:
+        ansi = {"always": True, "never": False}.get(color)  # click strips ANSI codes off a non-terminal unless told
+        explain_texts(model, list(texts), tokenizer, outdir, composites, target, color,
+                      log=lambda m: click.echo(m, color=ansi), warn=lambda m: click.echo(m, err=True), **options)
+    except (OnnxlrpError, ValueError, OSError) as exc:
+        _fail(str(exc))
 
 
 @main.command("evaluate")

@@ -17,8 +17,10 @@ from .canonical import canonicalize
 from .composites import Composite, assign_rules, get_composite, node_category, node_overrides, validate_options
 from .diagnostics import cancelling_sums, warn
 from .errors import OnnxlrpError, UnsupportedError
+from .extra_outputs import add_relevance_at, relevance_at_outputs, token_ids_metadata
 from .fusion import find_fusions
 from .graph import FLOAT_TYPES, GraphView
+from .patterns import recognise
 from .reference import reference_forward
 from .shapes import probe_shapes
 from .load import check, default_opset, model_source, read_model, weightless
@@ -44,6 +46,8 @@ class RuleRecord:
     params: dict = field(default_factory=dict)
     arriving: list[str] = field(default_factory=list, repr=False)  # relevance tensors at its outputs
     passed: list[str] = field(default_factory=list, repr=False)    # relevance tensors it gives its inputs
+    arriving_at: list[str] = field(default_factory=list, repr=False)  # the activations they belong to (a
+    passed_to: list[str] = field(default_factory=list, repr=False)    # gradient signal's relevance is t * signal)
     epsilon_terms: tuple | None = field(default=None, repr=False)  # (B, Y, R, shape of Y) of an epsilon layer
     why: str = ""  # with a user composite's overrides: why the node got its rule (e.g. "override 2 (glob ...)")
 
@@ -118,11 +122,14 @@ class Plan:
     baseline_inputs: list = field(default_factory=list)
     baseline_defaults: list = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # see diagnostics.py
+    contributions: dict[str, list[str]] = field(default_factory=dict)  # tensor -> relevance parts arriving there
+    reference: dict[str, str] | None = None  # DeepLIFT: activation -> its reference tensor
 
 
 def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
                   explain_output: str | None = None, inline: bool = False, emit_layers: bool = False,
-                  bias_relevance: str | None = None, baseline="zeros", rules=None, **options) -> onnx.ModelProto:
+                  bias_relevance: str | None = None, baseline="zeros", relevance_at: list[str] | tuple = (),
+                  rules=None, **options) -> onnx.ModelProto:
     """Compile a model into one that also outputs ``<input>_relevance`` for the class given by input ``target``.
 
     options: epsilon, stabilizer, gamma, alpha, beta, low, high, lrn_rule (see composites.DEFAULT_OPTIONS).
@@ -133,25 +140,27 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     input relevance + bias relevance = start relevance (metadata ``onnxlrp.bias_relevance`` names the columns).
     composite: a name, or ``FILE.toml[:NAME]`` (a user composite, see user_rules). rules: folders of extra
     templates and op rows (--rules DIR).
+    relevance_at: tensor names; each adds an output ``<tensor>_relevance`` shaped like the tensor.
     """
     if rules:
         with user_rules_in_effect(rules):
             compiled = compile_model(model, composite, explain_output=explain_output, inline=inline,
                                      emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline,
-                                     **options)
+                                     relevance_at=relevance_at, **options)
         compiled.metadata_props.add(key="onnxlrp.user_rules", value=json.dumps(dict(rules_fingerprint(
             tuple(str(r) for r in rules)))))
         return compiled
     plan = make_plan(model, composite, explain_output=explain_output, baseline=baseline, **options)
     if plan.unsupported:
         raise UnsupportedError(plan.source, plan.unsupported)
+    extra = relevance_at_outputs(plan, list(relevance_at or []))
     layers = _layer_outputs(plan, arriving=emit_layers == "check") if emit_layers else []
     columns: list[dict] = []
     if bias_relevance is not None:
         if bias_relevance not in ("layers", "units"):
             raise OnnxlrpError(f"{plan.source}: --bias-relevance must be layers or units, got {bias_relevance!r}")
-        if plan.composite.signal != "relevance":
-            raise OnnxlrpError(f"{plan.source}: --bias-relevance needs a relevance composite, not "
+        if plan.composite.signal == "deeplift":
+            raise OnnxlrpError(f"{plan.source}: --bias-relevance needs a relevance or gradient composite, not "
                                f"{plan.composite.name}")
         tensor, columns = _bias_relevance(plan, bias_relevance == "units")
         name = plan.builder.fresh(BIAS_OUTPUT)
@@ -164,6 +173,10 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     compiled.metadata_props.add(key="onnxlrp.explained_output", value=plan.explained_output)
     compiled.metadata_props.add(key="onnxlrp.warnings", value=json.dumps(plan.warnings))
     warn(plan.warnings, plan.source)
+    add_relevance_at(compiled, extra)
+    token_ids = token_ids_metadata(plan)
+    if token_ids:
+        compiled.metadata_props.add(key="onnxlrp.token_ids", value=json.dumps(token_ids))
     if columns:
         compiled.metadata_props.add(key="onnxlrp.bias_relevance", value=json.dumps(columns))
     if inline:
@@ -191,8 +204,11 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
         raise OnnxlrpError(f"{source}: {exc}") from None
     proto = read_model(model)
     check(proto, source)
+    declared = {vi.name for vi in proto.graph.value_info}
     proto, applied = canonicalize(proto, source)
-    view = GraphView(proto)
+    rule_nodes, recognised = recognise(proto)  # what the rules see; the forward keeps its nodes
+    applied += [f"recognised {label} x{count}" for label, count in sorted(recognised.items())]
+    view = GraphView(proto, rule_nodes=rule_nodes)
     explained = _explained_tensor(view, explain_output, source)
     path = view.relevance_path(explained)
     tensors = {t for i in path for t in list(view.nodes[i].input) + list(view.nodes[i].output)
@@ -200,6 +216,11 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
     unknown = view.incomplete_shapes(sorted(tensors))
     if unknown:
         view.fill_shapes(probe_shapes(view, unknown))
+    # the forward keeps only the shapes the model declared: ONNX Runtime fuses more (e.g. SkipLayerNormalization)
+    # where it knows more shapes, and the original outputs must stay bit-identical (view.info keeps them all)
+    kept = [vi for vi in proto.graph.value_info if vi.name in declared]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
     rules = assign_rules(view, path, chosen)
     try:
         per_node = node_overrides(view, path, chosen, rules, params)
@@ -209,16 +230,20 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
     builder = _Builder(taken=_all_names(proto))
     _reserve(view, builder)
     reference, baseline_inputs, baseline_defaults = None, [], []
+    if chosen.signal == "deeplift" and view.token_lookups:
+        raise OnnxlrpError(f"{source}: deeplift needs a floating-point input; token ids "
+                           f"({view.token_lookups[0].input!r}) have no baseline")
     if chosen.signal == "deeplift":
         nodes, reference, baseline_inputs, baseline_defaults = reference_forward(view, baseline, source,
                                                                                  builder.fresh)
         builder.nodes.extend(nodes)
         builder.taken.update(o for n in nodes for o in n.output)
-    records, unsupported = _walk(view, path, rules, chosen, params, explained, builder, reference, per_node)
+    records, unsupported, contributions = _walk(view, path, rules, chosen, params, explained, builder, reference,
+                                                per_node)
     output = explain_output or view.model.graph.output[0].name
     findings = cancelling_sums(view, path, rules, {i: node_category(view, i) for i in path})
     return Plan(source, view, builder, records, unsupported, chosen, params, applied, output, baseline_inputs,
-                baseline_defaults, findings)
+                baseline_defaults, warnings=findings, contributions=contributions, reference=reference)
 
 
 def _reserve(view: GraphView, builder: _Builder) -> None:
@@ -226,7 +251,8 @@ def _reserve(view: GraphView, builder: _Builder) -> None:
     already uses such a name (an input called target, ...), the first free ``<name>_1``, ``<name>_2``, ... (recorded
     in the metadata ``onnxlrp.target_input`` and ``onnxlrp.relevance_outputs``)."""
     builder.target_input = builder.fresh(TARGET_INPUT)
-    builder.relevance_outputs = {vi.name: builder.fresh(vi.name + RELEVANCE_SUFFIX) for vi in view.float_inputs}
+    inputs = view.float_inputs + ([view.ids_input] if view.ids_input is not None else [])  # + a text model's ids
+    builder.relevance_outputs = {vi.name: builder.fresh(vi.name + RELEVANCE_SUFFIX) for vi in inputs}
 
 
 BIAS_OUTPUT = "bias_relevance"
@@ -234,15 +260,39 @@ LAYER_PREFIX = "layer_relevance__"
 ARRIVING_PREFIX = "layer_arriving__"
 
 
+def absorber_kind(category: str | None, op: str) -> str:
+    """What a rule application's absorbed relevance is: a softmax share (AttnLRP), a bias (and stabilizer) share,
+    a constant addend's share (position / token-type embeddings, masks), a normalisation's, or other."""
+    if category == "softmax" or op == "Softmax":
+        return "softmax"
+    if category in ("conv", "dense"):
+        return "bias"
+    if op in ("Add", "Sub", "Sum") and category == "affine":
+        return "constant"
+    if category == "normalization" or "Normalization" in op:
+        return "normalization"
+    return "other"
+
+
 def _bias_relevance(plan: Plan, units: bool) -> tuple[str, list[dict]]:
     """[N, columns]: per rule application, relevance arriving minus relevance passed on (what the bias and the
-    stabilizer absorbed); with ``units``, epsilon-ruled linear layers get one column per bias unit."""
+    stabilizer, a softmax (AttnLRP) or a constant addend absorbed); with ``units``, epsilon-ruled linear layers get
+    one column per bias unit. A gradient-signal composite's relevance at a tensor t is t * signal, so its
+    columns weigh the signals by their tensors: input + absorbed = start holds for them too."""
     b = plan.builder
     types = library().attribute_types("bias_units")
     one = b.constant("bias_axis_1", np.array([1], dtype=np.int64))
+    weighted = plan.composite.signal == "gradient"
     parts, columns = [], []
     for record in plan.records:
-        if not record.passed:
+        if not record.arriving:
+            continue
+        kind = absorber_kind(record.category, record.op)
+        if not record.passed:  # nothing passed on: it absorbs all it receives
+            arriving = _sample_total(b, record.arriving, f"{record.node}__arr_sum",
+                                     record.arriving_at if weighted else None)
+            parts.append(b.plain("Unsqueeze", [arriving, one], f"{record.node}__absorbed_col"))
+            columns.append({"node": record.node, "units": 1, "kind": kind})
             continue
         if units and record.epsilon_terms is not None:
             bias, y, r, shape = record.epsilon_terms
@@ -252,13 +302,15 @@ def _bias_relevance(plan: Plan, units: bool) -> tuple[str, list[dict]]:
                      make_attribute("spatial_axes", list(range(2, rank)), types["spatial_axes"])]
             (column,) = b.call("bias_units", [bias, y, r], f"{record.node}__bias_units", attrs)
             count = (shape or [None, None])[1]
-            columns.append({"node": record.node, "units": count})
+            columns.append({"node": record.node, "units": count, "kind": kind})
         else:
-            arriving = _sample_total(b, record.arriving, f"{record.node}__arr_sum")
-            passed = _sample_total(b, record.passed, f"{record.node}__layer_sum")
+            arriving = _sample_total(b, record.arriving, f"{record.node}__arr_sum",
+                                     record.arriving_at if weighted else None)
+            passed = _sample_total(b, record.passed, f"{record.node}__layer_sum",
+                                   record.passed_to if weighted else None)
             column = b.plain("Unsqueeze", [b.plain("Sub", [arriving, passed], f"{record.node}__absorbed"), one],
                              f"{record.node}__absorbed_col")
-            columns.append({"node": record.node, "units": 1})
+            columns.append({"node": record.node, "units": 1, "kind": kind})
         parts.append(column)
     if not parts:
         raise OnnxlrpError(f"{plan.source}: no rule application to account bias relevance for")
@@ -268,25 +320,32 @@ def _bias_relevance(plan: Plan, units: bool) -> tuple[str, list[dict]]:
 
 
 def _layer_outputs(plan: Plan, arriving: bool) -> list[tuple[str, str]]:
-    """Per-sample relevance totals per rule application, as (output name, tensor) pairs."""
+    """Per-sample relevance totals per rule application, as (output name, tensor) pairs (for gradient-signal
+    composites the relevance t * signal)."""
     outputs = []
+    weighted = plan.composite.signal == "gradient"
     for record in plan.records:
         if not record.passed:
             continue
         name = plan.builder.fresh(LAYER_PREFIX + record.node)
         plan.builder.output_roles[name] = [record.node, "passed"]
-        outputs.append((name, _sample_total(plan.builder, record.passed, f"{record.node}__layer_sum")))
+        outputs.append((name, _sample_total(plan.builder, record.passed, f"{record.node}__layer_sum",
+                                            record.passed_to if weighted else None)))
         if arriving:
             name = plan.builder.fresh(ARRIVING_PREFIX + record.node)
             plan.builder.output_roles[name] = [record.node, "arriving"]
-            outputs.append((name, _sample_total(plan.builder, record.arriving, f"{record.node}__arr_sum")))
+            outputs.append((name, _sample_total(plan.builder, record.arriving, f"{record.node}__arr_sum",
+                                                record.arriving_at if weighted else None)))
     return outputs
 
 
-def _sample_total(builder: _Builder, tensors: list[str], name: str) -> str:
+def _sample_total(builder: _Builder, tensors: list[str], name: str, at: list[str] | None = None) -> str:
     """The per-sample sum [N] of relevance tensors, built once per name (the layer outputs and the bias
-    accounting share them)."""
+    accounting share them); ``at``: the activations of gradient signals, the relevance being their product."""
     if name not in builder.totals:
+        if at is not None:
+            tensors = [builder.call("gradient_times_input", [x, g], f"{g}__times_input")[0]
+                       for x, g in zip(at, tensors)]
         parts = [builder.call("sample_sum", [t], f"{t}__sum")[0] for t in tensors]
         builder.totals[name] = builder.total(parts, name)
     return builder.totals[name]
@@ -363,6 +422,7 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                 contributions[out] = [BLOCKED]
             relevance = builder.total(contributions[out], f"{out}__R")
             record.arriving.append(relevance)
+            record.arriving_at.append(out)
             for x in view.activation_inputs(index):
                 ctx = BindContext(view, index, x, y, builder.constant, opset, fusion, rule, builder.plain,
                                   reference)
@@ -393,11 +453,12 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                 if spec.elementwise:
                     r_x = _unbroadcast(view, node.input[x], out, r_x, builder)
                 record.passed.append(r_x)
+                record.passed_to.append(node.input[x])
                 contributions.setdefault(node.input[x], []).append(r_x)
     records.reverse()
     unsupported[:] = list(dict.fromkeys(unsupported))  # one entry per node and reason
     _finish_inputs(view, chosen, contributions, builder, reference)
-    return records, unsupported
+    return records, unsupported, contributions
 
 
 BLOCKED = "__blocked_by_an_unsupported_node__"
@@ -432,23 +493,52 @@ def _unbroadcast(view: GraphView, x: str, y: str, r_x: str, builder: _Builder) -
 
 def _finish_inputs(view: GraphView, chosen: Composite, contributions: dict[str, list[str]],
                    builder: _Builder, reference: dict[str, str] | None) -> None:
-    """Produce ``<input>_relevance`` for every float input."""
+    """Produce ``<input>_relevance`` for every float input, and for the token-ids input of a text model (the
+    per-token sum of the relevance at its embedding lookups, float32)."""
     for vi in view.float_inputs:
         target = builder.relevance_outputs[vi.name]
-        parts = contributions.get(vi.name)
-        if not parts:
+        signal = relevance_signal(view, chosen, contributions, builder, reference, vi.name)
+        if signal is None:
             (zeros,) = builder.call("zeros_like", [vi.name], f"{target}__zeros")
             cast = vi.type.tensor_type.elem_type not in FLOAT_TYPES
             builder.nodes.append(helper.make_node("Cast" if cast else "Identity", [zeros], [target],
                                                   name=builder.fresh(f"lrp/{target}"),
                                                   **({"to": TensorProto.FLOAT} if cast else {})))
             continue
-        signal = builder.total(parts, f"{target}__signal")
-        if chosen.signal == "gradient":
-            (signal,) = builder.call("gradient_times_input", [vi.name, signal], f"{target}__gxi")
-        elif chosen.signal == "deeplift":
-            (signal,) = builder.call("times_delta", [vi.name, reference[vi.name], signal], f"{target}__delta")
         builder.nodes.append(helper.make_node("Identity", [signal], [target], name=builder.fresh(f"lrp/{target}")))
+    if view.token_lookups:
+        ids = view.token_lookups[0].input
+        target = builder.relevance_outputs[ids]
+        parts = [relevance_signal(view, chosen, contributions, builder, reference, lookup.output)
+                 for lookup in view.token_lookups]
+        parts = [p for p in parts if p is not None]
+        if parts:
+            hidden_axis = builder.constant(f"{target}__hidden_axis", np.array([-1], dtype=np.int64))
+            sums = []
+            for part in parts:
+                sums.append(builder.fresh(f"{part}__per_token"))
+                builder.nodes.append(helper.make_node("ReduceSum", [part, hidden_axis], [sums[-1]], keepdims=0,
+                                                      name=builder.fresh(f"lrp/{part}__per_token")))
+            per_token = builder.total(sums, f"{target}__per_token")
+        else:
+            (per_token,) = builder.call("zeros_like", [ids], f"{target}__zeros")
+        builder.nodes.append(helper.make_node("Cast", [per_token], [target], to=TensorProto.FLOAT,
+                                              name=builder.fresh(f"lrp/{target}")))
+
+
+def relevance_signal(view: GraphView, chosen: Composite, contributions: dict[str, list[str]], builder: _Builder,
+                     reference: dict[str, str] | None, tensor: str) -> str | None:
+    """The relevance at ``tensor`` (shaped like it), or None when no relevance reaches it: the sum of what its
+    consumers pass back, times the tensor (gradient) or its difference to the reference (DeepLIFT)."""
+    parts = contributions.get(tensor)
+    if not parts:
+        return None
+    signal = builder.total(parts, f"{tensor}__relevance_signal")
+    if chosen.signal == "gradient":
+        (signal,) = builder.call("gradient_times_input", [tensor, signal], f"{tensor}__gxi")
+    elif chosen.signal == "deeplift":
+        (signal,) = builder.call("times_delta", [tensor, reference[tensor], signal], f"{tensor}__delta")
+    return signal
 
 
 def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], chosen: Composite, params: dict,
@@ -459,6 +549,8 @@ def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], cho
     graph.node.extend(builder.nodes)
     graph.initializer.extend(builder.initializers)
     float_inputs = view.float_inputs
+    if view.ids_input is not None:  # a text model: <ids>_relevance, float32 shaped like the ids
+        float_inputs = float_inputs + [view.ids_input]
     batch = float_inputs[0].type.tensor_type.shape.dim[0] if float_inputs and \
         float_inputs[0].type.tensor_type.shape.dim else None
     target = helper.make_tensor_value_info(builder.target_input, TensorProto.INT64, ["N"])

@@ -122,7 +122,9 @@ def node_category(view: GraphView, index: int) -> str | None:
 def assign_rules(view: GraphView, path: list[int], composite: Composite) -> dict[int, str | None]:
     """Rule name per node on the path; None where the composite has no rule for the node's category."""
     categories = {i: node_category(view, i) for i in path}
-    firsts = first_layer_nodes(view, path, categories, set(composite.first_layer))
+    # first-layer rules (flat, zbox) are for an input domain such as pixels; a text model's leaves are
+    # embedding lookups, where flat would spread relevance onto padded tokens: they keep the category's rule
+    firsts = set() if view.token_lookups else first_layer_nodes(view, path, categories, set(composite.first_layer))
     rules: dict[int, str | None] = {}
     for i in path:
         if i in firsts and composite.first:

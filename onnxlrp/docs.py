@@ -17,8 +17,14 @@ CATEGORY_NOTES = {
     "pool": "average pooling",
     "sum": "sum of two or more activations",
     "lrn": "local response normalisation (`--lrn-rule`)",
-    "difference": "difference of two activations (no rule yet: reported as unsupported)",
+    "difference": "difference of two activations",
     "product": "product/quotient of two activations (gate treated as constant)",
+    "gated_product": "recognised act(g)·u or x·σ(s) (onnxlrp/patterns/gated.py)",
+    "bilinear": "MatMul of two activations",
+    "attention_scores": "recognised Q·Kᵀ reaching a Softmax",
+    "attention_values": "recognised P·V, P from a Softmax",
+    "softmax": "Softmax inside the model",
+    "normalization": "LayerNorm (op or written out), RMSNorm, InstanceNorm",
 }
 
 
@@ -50,14 +56,16 @@ def ops_table() -> str:
         category = spec.category if not spec.category_one_activation else \
             f"{spec.category} (one activation input: {spec.category_one_activation})"
         variants = ", ".join(f"`{v}`" for v in variant_templates(op)) or "–"
-        rows.append(f"| {op} | {category} | {rules} | {variants} |")
+        import onnx.defs
+        name = op if onnx.defs.has(op) else f"{op} (pattern)"  # a node only the rules see: onnxlrp/patterns/
+        rows.append(f"| {name} | {category} | {rules} | {variants} |")
     return "\n".join(rows)
 
 
 def composites_table() -> str:
     """Markdown table: composite, Zennit equivalent, rule per category, first-layer rule."""
     lib = library()
-    categories = [c for c in CATEGORY_NOTES if c != "difference"]
+    categories = list(CATEGORY_NOTES)
     rows = ["| composite | Zennit | first layer | " + " | ".join(categories) + " |",
             "|---" * (3 + len(categories)) + "|"]
     for name in (n for n in lib.composites if n != "base"):

@@ -2,12 +2,15 @@
 consumes what, and which nodes lie on the relevance path to the explained tensor (networkx for reachability)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
 import onnx
 from onnx import TensorProto
+
+from .lookups import INTEGER_TYPES, TokenLookup, choose_ids_input, find_lookups
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 #: Ops whose integer output still carries the activation's values (a quantized copy): the path goes on through them.
@@ -24,9 +27,13 @@ class TensorInfo:
 
 @dataclass
 class GraphView:
-    """Indexes over one graph; nodes are referred to by their position in topological order."""
+    """Indexes over one graph; nodes are referred to by their position in topological order.
+
+    ``rule_nodes``: the nodes the rules see, when patterns (onnxlrp.patterns) replaced groups of forward nodes by
+    one recognised node; ``model`` keeps the forward graph that the compiled model runs."""
 
     model: onnx.ModelProto
+    rule_nodes: list[onnx.NodeProto] | None = None
     nodes: list[onnx.NodeProto] = field(init=False)
     info: dict[str, TensorInfo] = field(init=False)
     producer: dict[str, tuple[int, int]] = field(init=False)
@@ -34,11 +41,12 @@ class GraphView:
     initializers: dict[str, onnx.TensorProto] = field(init=False)
     activations: set[str] = field(init=False)
     subgraph_reads: dict[int, list[str]] = field(init=False)  # outer-scope names read inside a node's subgraphs
+    token_lookups: list[TokenLookup] = field(init=False)  # word-embedding lookups of the token-ids input
     _nonneg: dict[str, bool] = field(init=False, default_factory=dict)  # memo of nonnegative()
 
     def __post_init__(self) -> None:
         graph = self.model.graph
-        self.nodes = list(graph.node)
+        self.nodes = list(graph.node if self.rule_nodes is None else self.rule_nodes)
         self.initializers = {t.name: t for t in graph.initializer}
         self.info = {}
         for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
@@ -59,17 +67,19 @@ class GraphView:
                 for name in inner:
                     if i not in self.consumers.get(name, []):
                         self.consumers.setdefault(name, []).append(i)
+        self.token_lookups = self._find_token_lookups()
         self.activations = self._find_activations()
 
     @property
     def float_inputs(self) -> list[onnx.ValueInfoProto]:
         """The inputs that receive relevance: floating-point inputs, and integer inputs (raw uint8 images) that
-        the model only casts to a floating-point type."""
+        the model only casts to a floating-point type, unless it is a text model (then they are masks)."""
         chosen = []
         for vi in self.model.graph.input:
             if vi.name in self.initializers:
                 continue
-            if vi.type.tensor_type.elem_type in FLOAT_TYPES or self._cast_to_float_only(vi.name):
+            if vi.type.tensor_type.elem_type in FLOAT_TYPES or (
+                    not self.token_lookups and self._cast_to_float_only(vi.name)):
                 chosen.append(vi)
         return chosen
 
@@ -78,9 +88,25 @@ class GraphView:
         return bool(readers) and all(
             n.op_type == "Cast" and any(a.name == "to" and a.i in FLOAT_TYPES for a in n.attribute) for n in readers)
 
+    def _find_token_lookups(self) -> list[TokenLookup]:
+        """The embedding lookups of the token-ids input (none for models without one): see lookups.py."""
+        integers = [vi.name for vi in self.model.graph.input if vi.name not in self.initializers
+                    and vi.type.tensor_type.elem_type in INTEGER_TYPES]
+        candidates = find_lookups(self, integers)
+        ids = choose_ids_input(candidates)
+        return [lookup for lookup in candidates if lookup.input == ids]
+
+    @property
+    def ids_input(self) -> onnx.ValueInfoProto | None:
+        """The token-ids input whose lookups are relevance leaves, if the model has one."""
+        if not self.token_lookups:
+            return None
+        return next(vi for vi in self.model.graph.input if vi.name == self.token_lookups[0].input)
+
     def _find_activations(self) -> set[str]:
-        """Float tensors that depend on a float graph input (everything else is a constant or shape data)."""
-        active = {vi.name for vi in self.float_inputs}
+        """Float tensors that depend on a float graph input or on a token-ids lookup (everything else is a
+        constant or shape data)."""
+        active = {vi.name for vi in self.float_inputs} | {lookup.output for lookup in self.token_lookups}
         for i, node in enumerate(self.nodes):
             if any(name in active for name in list(node.input) + self.subgraph_reads.get(i, []) if name):
                 for out in node.output:
@@ -92,6 +118,17 @@ class GraphView:
     def subgraph_activations(self, index: int) -> list[str]:
         """Activations that the node reads inside its subgraphs (If branches, Loop/Scan bodies)."""
         return [name for name in self.subgraph_reads.get(index, []) if name in self.activations]
+
+    @functools.cached_property
+    def forward_index(self) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+        """(producer, readers) of every tensor in the forward graph (``nodes`` may hold recognised patterns)."""
+        producer, readers = {}, {}
+        for node in self.model.graph.node:
+            for out in node.output:
+                producer[out] = node
+            for inp in node.input:
+                readers.setdefault(inp, []).append(node)
+        return producer, readers
 
     def activation_inputs(self, index: int) -> list[int]:
         """Positions of the node's inputs that carry activations."""

@@ -61,7 +61,7 @@ def reference_forward(view: GraphView, baseline, source: str, fresh=lambda name:
         defaults.append(numpy_helper.from_array(value, name))
     renamed: dict[str, str] = dict(reference)
     nodes = []
-    for node in view.nodes:
+    for node in view.model.graph.node:  # the forward's nodes (view.nodes may hold recognised patterns)
         if not any(i in renamed for i in node.input if i):
             continue
         clone = onnx.NodeProto()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sys
@@ -153,6 +154,10 @@ class Explainer:
         outputs = [o.name for o in self.session.get_outputs()]
         self._relevance_of = {out: name for name, out in interface.relevance_outputs.items()
                               if name in self.input_names and out in outputs}
+        meta = {p.key: p.value for p in compiled.metadata_props}
+        for entry in json.loads(meta.get("onnxlrp.relevance_at", "[]")):  # --relevance-at tensors
+            if entry["output"] in outputs:
+                self._relevance_of[entry["output"]] = entry["tensor"]
         self.relevance_names = [o for o in outputs if o in self._relevance_of]
         self.output_names = [o for o in outputs if o not in self.relevance_names]
 
@@ -165,8 +170,8 @@ class Explainer:
 
         x: one array (single-input models) or a dict name -> array. target: None (top class), an int for every
         sample, or one int per sample (negative = top class).
-        Returns (original outputs by name, relevance): relevance is an array shaped like x for single-input models,
-        else a dict input name -> relevance.
+        Returns (original outputs by name, relevance): relevance is an array shaped like x when the model has one
+        relevance output, else a dict name -> relevance (input names, and the tensors given to relevance_at).
         """
         feeds = dict(x) if isinstance(x, dict) else {self.input_names[0]: x}
         missing = set(self.input_names) - set(feeds)

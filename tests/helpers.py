@@ -25,7 +25,7 @@ def _typed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
 def template_relevance(node: onnx.NodeProto, x: np.ndarray, r: np.ndarray, rule: str,
                        weights: dict[str, np.ndarray] | None = None, x_index: int = 0, y_index: int = 0,
                        extra_inputs: dict[str, np.ndarray] | None = None, used: list[str] | None = None,
-                       **options) -> np.ndarray:
+                       opset: int = 18, **options) -> np.ndarray:
     """Relevance for input ``x_index`` of ``node`` when relevance ``r`` arrives at output ``y_index``.
 
     The node's input 0 (or every name in extra_inputs) is fed at run time; weights are initializers.
@@ -40,13 +40,13 @@ def template_relevance(node: onnx.NodeProto, x: np.ndarray, r: np.ndarray, rule:
          for k, v in feeds.items()],
         [helper.make_empty_tensor_value_info(o) for o in node.output if o],
         [numpy_helper.from_array(v, k) for k, v in weights.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
     model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     view = GraphView(model)
     lib = library()
     spec = lib.ops[node.op_type]
     builder = _Builder(taken={"R"} | {n for n in node.input} | set(node.output))
-    ctx = BindContext(view, 0, x_index, y_index, builder.constant, 18, rule=rule, add_node=builder.plain)
+    ctx = BindContext(view, 0, x_index, y_index, builder.constant, opset, rule=rule, add_node=builder.plain)
     template = spec.template_for(rule, x_index, VARIANTS[spec.variant](ctx) if spec.variant else None)
     if used is not None:
         used.append(template)
@@ -61,13 +61,18 @@ def template_relevance(node: onnx.NodeProto, x: np.ndarray, r: np.ndarray, rule:
             helper.make_tensor_value_info("R", helper.np_dtype_to_tensor_dtype(r.dtype), list(r.shape))],
         [helper.make_empty_tensor_value_info("R_X")],
         list(model.graph.initializer) + builder.initializers)
-    return _session(graph, template).run(["R_X"], {**feeds, "R": r})[0]
+    return _session(graph, template, opset).run(["R_X"], {**feeds, "R": r})[0]
 
 
-def _session(graph: onnx.GraphProto, function: str) -> ort.InferenceSession:
+def _session(graph: onnx.GraphProto, function: str, opset: int = 18) -> ort.InferenceSession:
     """An ORT session for a graph that calls the library function ``function`` (checked with full_check)."""
-    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]
-    model = _typed_outputs(helper.make_model(graph, functions=library().closure([function]), ir_version=10,
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)]
+    functions = library().closure([function])
+    for f in functions:  # as the compiler does: the functions use the model's default-domain opset
+        for imp in f.opset_import:
+            if imp.domain == "":
+                imp.version = max(imp.version, opset)
+    model = _typed_outputs(helper.make_model(graph, functions=functions, ir_version=10,
                                              opset_imports=opsets))
     onnx.checker.check_model(model, full_check=True)
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

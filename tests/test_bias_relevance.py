@@ -49,7 +49,7 @@ def test_units_split_the_layer_totals(exported):
 
 
 def test_bias_relevance_errors(exported):
-    with pytest.raises(onnxlrp.OnnxlrpError, match="relevance composite"):
-        onnxlrp.compile_model(exported("mlp", "dynamo18"), "gradient", bias_relevance="layers")
+    with pytest.raises(onnxlrp.OnnxlrpError, match="relevance or gradient composite"):
+        onnxlrp.compile_model(exported("mlp", "dynamo18"), "deeplift", bias_relevance="layers")
     with pytest.raises(onnxlrp.OnnxlrpError, match="layers or units"):
         onnxlrp.compile_model(exported("mlp", "dynamo18"), bias_relevance="all")

@@ -55,6 +55,9 @@ def main() -> None:
 @rule_options
 @click.option("--explain-output", default=None, help="Output to explain [default: the first].")
 @click.option("--inline", is_flag=True, help="Inline the rule functions (plain ONNX graph, no local functions).")
+@click.option("--portable", is_flag=True,
+              help="One plain graph for every runtime (OpenVINO, onnx.reference, ONNX Runtime): --inline, and "
+                   "only templates that all of them run.")
 @click.option("--emit-layers", is_flag=True,
               help="Add an output layer_relevance__<node> [N] per rule application (relevance sum per sample).")
 @click.option("--check", is_flag=True,
@@ -66,12 +69,13 @@ def main() -> None:
               help="DeepLIFT (--composite deeplift): the default baseline, zeros or a FILE.npy shaped like one input "
                    "sample; the compiled model takes it as input <input>_baseline.")
 def compile_command(model: Path, output: Path | None, composite: str, explain_output: str | None, inline: bool,
-                    emit_layers: bool, check: bool, bias_relevance: str | None, baseline: str, **options) -> None:
+                    portable: bool, emit_layers: bool, check: bool, bias_relevance: str | None, baseline: str,
+                    **options) -> None:
     """Compile MODEL into an explaining model with an extra input `target` and outputs `<input>_relevance`."""
     from .compile import compile_model
     output = output or model.with_suffix(".lrp.onnx")
     try:
-        compiled = compile_model(model, composite, explain_output=explain_output, inline=inline,
+        compiled = compile_model(model, composite, explain_output=explain_output, inline=inline, portable=portable,
                                  emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline, **options)
         report = _check_report(model, composite, explain_output, options) if check else None
         write_model_atomically(compiled, output)

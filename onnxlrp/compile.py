@@ -8,16 +8,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__
-from .bindings import RULE_PARAMETER_PREFIX, VARIANTS, BindContext, NoRelevance, Unsupported, bind, make_attribute
+from .bindings import (RULE_PARAMETER_PREFIX, BindContext, NoRelevance, Unsupported, bind, choose_variant,
+                       make_attribute)
 from .canonical import canonicalize
 from .composites import Composite, assign_rules, get_composite, node_category, validate_options
 from .errors import OnnxlrpError, UnsupportedError
 from .fusion import find_fusions
 from .graph import FLOAT_TYPES, GraphView
+from .portable import inline as inline_functions
 from .reference import reference_forward
 from .shapes import probe_shapes
 from .load import check, default_opset, model_source, read_model, weightless
@@ -114,7 +115,8 @@ class Plan:
 
 def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
                   explain_output: str | None = None, inline: bool = False, emit_layers: bool = False,
-                  bias_relevance: str | None = None, baseline="zeros", **options) -> onnx.ModelProto:
+                  bias_relevance: str | None = None, baseline="zeros", portable: bool = False,
+                  **options) -> onnx.ModelProto:
     """Compile a model into one that also outputs ``<input>_relevance`` for the class given by input ``target``.
 
     options: epsilon, stabilizer, gamma, alpha, beta, low, high, lrn_rule (see composites.DEFAULT_OPTIONS).
@@ -123,8 +125,11 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     bias_relevance: "layers" adds an output ``bias_relevance`` [N, layers] with the relevance each rule
     application absorbed (bias and stabilizer shares), "units" splits epsilon-ruled linear layers per bias unit;
     input relevance + bias relevance = start relevance (metadata ``onnxlrp.bias_relevance`` names the columns).
+    portable: one plain graph that every mainstream runtime runs (OpenVINO, onnx.reference, ORT): functions
+    inlined, only portable template variants (bindings.PORTABLE_VARIANTS); implies ``inline``.
     """
-    plan = make_plan(model, composite, explain_output=explain_output, baseline=baseline, **options)
+    plan = make_plan(model, composite, explain_output=explain_output, baseline=baseline, portable=portable,
+                     **options)
     if plan.unsupported:
         raise UnsupportedError(plan.source, plan.unsupported)
     layers = _layer_outputs(plan, arriving=emit_layers == "check") if emit_layers else []
@@ -139,13 +144,15 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
         layers.append((BIAS_OUTPUT, tensor))
     compiled = _assemble(plan.view, plan.builder, plan.records, plan.composite, plan.params,
                          plan.canonicalizations, layers)
-    compiled.graph.input.extend(plan.baseline_inputs)
+    if not portable:  # portable: the baseline is a constant (ORT warns about initializers listed as inputs)
+        compiled.graph.input.extend(plan.baseline_inputs)
     compiled.graph.initializer.extend(plan.baseline_defaults)
     compiled.metadata_props.add(key="onnxlrp.explained_output", value=plan.explained_output)
     if columns:
         compiled.metadata_props.add(key="onnxlrp.bias_relevance", value=json.dumps(columns))
-    if inline:
-        compiled = onnx.inliner.inline_local_functions(compiled)
+    compiled.metadata_props.add(key="onnxlrp.portable", value=json.dumps(portable))
+    if inline or portable:
+        compiled = inline_functions(compiled)
     try:
         onnx.checker.check_model(weightless(compiled), full_check=True)
     except Exception as exc:  # ValidationError or InferenceError
@@ -155,7 +162,7 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
 
 
 def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
-              explain_output: str | None = None, baseline="zeros", **options) -> Plan:
+              explain_output: str | None = None, baseline="zeros", portable: bool = False, **options) -> Plan:
     """Load, canonicalise and walk the graph: which rule and template every node gets (nothing is raised for
     unsupported nodes; they are listed in the plan)."""
     source = model_source(model)
@@ -183,7 +190,7 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
         nodes, reference, baseline_inputs, baseline_defaults = reference_forward(view, baseline, source)
         builder.nodes.extend(nodes)
         builder.taken.update(o for n in nodes for o in n.output)
-    records, unsupported = _walk(view, path, rules, chosen, params, explained, builder, reference)
+    records, unsupported = _walk(view, path, rules, chosen, params, explained, builder, reference, portable)
     output = explain_output or view.model.graph.output[0].name
     return Plan(source, view, builder, records, unsupported, chosen, params, applied, output, baseline_inputs,
                 baseline_defaults)
@@ -278,7 +285,7 @@ def _all_names(model: onnx.ModelProto) -> set[str]:
 
 
 def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen: Composite, params: dict,
-          explained: str, builder: _Builder, reference: dict[str, str] | None = None):
+          explained: str, builder: _Builder, reference: dict[str, str] | None = None, portable: bool = False):
     lib = library()
     opset = default_opset(view.model)
     start = "start_relevance" if chosen.signal == "relevance" else "start_gradient"
@@ -313,8 +320,8 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
             record.arriving.append(relevance)
             for x in view.activation_inputs(index):
                 ctx = BindContext(view, index, x, y, builder.constant, opset, fusion, rule, builder.plain,
-                                  reference)
-                linear = VARIANTS[spec.variant](ctx) if spec.variant else None
+                                  reference, portable)
+                linear = choose_variant(ctx, spec.variant) if spec.variant else None
                 template = spec.template_for(rule, x, linear)
                 if template is None:
                     unsupported.append((name, node.op_type, f"no template for rule {rule!r}"))

@@ -42,6 +42,7 @@ class BindContext:
     rule: str = ""
     add_node: Callable[[str, list[str], str], str] | None = None
     reference: dict[str, str] | None = None  # activation -> its value on the baseline (DeepLIFT)
+    portable: bool = False  # choose only variants that every mainstream runtime runs (see PORTABLE_VARIANTS)
 
     @property
     def output(self) -> str:
@@ -663,6 +664,25 @@ def gelu_variant(ctx: BindContext) -> str | None:
 VARIANTS: dict[str, Callable[[BindContext], str | None]] = {"conv": conv_variant, "add": add_variant,
                                                              "maxpool": maxpool_variant, "concat": concat_variant,
                                                              "pad": pad_variant, "gelu": gelu_variant}
+
+#: Variants the portable form (compile --portable) may choose, per VARIANTS entry. Every one was run on
+#: OpenVINO's ONNX front end and onnx.reference against ONNX Runtime (tests/test_runtimes.py). Left out:
+#: maxpool "unpool" (MaxUnpool: OpenVINO's ONNX front end has no converter for it, and after it the rank of
+#: the relevance is unknown, so the next Conv fails to validate; ORT has no CUDA kernel for it either).
+PORTABLE_VARIANTS: dict[str, set[str | None]] = {
+    "conv": {"conv", "convs1", "convgrouped", "convdyn", "convflat"},
+    "add": {None, "complement"},
+    "maxpool": {None},
+}
+
+
+def choose_variant(ctx: BindContext, variant: str) -> str | None:
+    """The node's variant from VARIANTS; in the portable form, the op's own template where the chosen variant
+    is not portable."""
+    chosen = VARIANTS[variant](ctx)
+    if ctx.portable and chosen not in PORTABLE_VARIANTS[variant]:
+        return None
+    return chosen
 
 BINDERS: dict[str, Callable[[BindContext], Binding]] = {
     "conv": bind_conv,

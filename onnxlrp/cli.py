@@ -160,6 +160,9 @@ def main() -> None:
 @rule_options
 @click.option("--explain-output", default=None, help="Output to explain [default: the first].")
 @click.option("--inline", is_flag=True, help="Inline the rule functions (plain ONNX graph, no local functions).")
+@click.option("--portable", is_flag=True,
+              help="One plain graph for every runtime (OpenVINO, onnx.reference, ONNX Runtime): --inline, and "
+                   "only templates that all of them run.")
 @click.option("--emit-layers", is_flag=True,
               help="Add an output layer_relevance__<node> [N] per rule application (relevance sum per sample).")
 @click.option("--check", is_flag=True,
@@ -174,7 +177,7 @@ def main() -> None:
               help="Also output TENSOR_relevance, the relevance at that tensor, shaped like it (repeatable; e.g. "
                    "a text model's word-embedding output, a CNN layer).")
 def compile_command(model: Path, output: Path | None, composite: str, explain_output: str | None, inline: bool,
-                    emit_layers: bool, check: bool, bias_relevance: str | None, baseline: str,
+                    portable: bool, emit_layers: bool, check: bool, bias_relevance: str | None, baseline: str,
                     relevance_at: tuple[str, ...], **options) -> None:
     """Compile MODEL into an explaining model with an extra input `target` and outputs `<input>_relevance`."""
     from .compile import compile_model
@@ -184,7 +187,7 @@ def compile_command(model: Path, output: Path | None, composite: str, explain_ou
     protected = model_files(model) + ([Path(baseline)] if baseline != "zeros" else [])  # never overwritten
     try:
         check_output(output, protected)
-        compiled = compile_model(model, composite, explain_output=explain_output, inline=inline,
+        compiled = compile_model(model, composite, explain_output=explain_output, inline=inline, portable=portable,
                                  emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline,
                                  relevance_at=relevance_at, **options)
         report, flagged = check_report(model, composite, explain_output, options) if check else (None, 0)

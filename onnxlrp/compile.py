@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__
-from .bindings import RULE_PARAMETER_PREFIX, VARIANTS, BindContext, NoRelevance, Unsupported, bind, make_attribute
+from .bindings import (RULE_PARAMETER_PREFIX, BindContext, NoRelevance, Unsupported, bind, choose_variant,
+                       make_attribute)
 from .canonical import canonicalize
 from .composites import Composite, assign_rules, get_composite, node_category, node_overrides, validate_options
 from .diagnostics import cancelling_sums, warn
@@ -21,6 +21,7 @@ from .extra_outputs import add_relevance_at, relevance_at_outputs, token_ids_met
 from .fusion import find_fusions
 from .graph import FLOAT_TYPES, GraphView
 from .patterns import recognise
+from .portable import inline as inline_functions
 from .reference import reference_forward
 from .shapes import probe_shapes
 from .load import check, default_opset, model_source, read_model, weightless
@@ -129,7 +130,7 @@ class Plan:
 def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
                   explain_output: str | None = None, inline: bool = False, emit_layers: bool = False,
                   bias_relevance: str | None = None, baseline="zeros", relevance_at: list[str] | tuple = (),
-                  rules=None, **options) -> onnx.ModelProto:
+                  portable: bool = False, rules=None, **options) -> onnx.ModelProto:
     """Compile a model into one that also outputs ``<input>_relevance`` for the class given by input ``target``.
 
     options: epsilon, stabilizer, gamma, alpha, beta, low, high, lrn_rule (see composites.DEFAULT_OPTIONS).
@@ -141,16 +142,19 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     composite: a name, or ``FILE.toml[:NAME]`` (a user composite, see user_rules). rules: folders of extra
     templates and op rows (--rules DIR).
     relevance_at: tensor names; each adds an output ``<tensor>_relevance`` shaped like the tensor.
+    portable: one plain graph that every mainstream runtime runs (OpenVINO, onnx.reference, ORT): functions
+    inlined, only portable template variants (bindings.PORTABLE_VARIANTS); implies ``inline``.
     """
     if rules:
         with user_rules_in_effect(rules):
             compiled = compile_model(model, composite, explain_output=explain_output, inline=inline,
                                      emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline,
-                                     relevance_at=relevance_at, **options)
+                                     relevance_at=relevance_at, portable=portable, **options)
         compiled.metadata_props.add(key="onnxlrp.user_rules", value=json.dumps(dict(rules_fingerprint(
             tuple(str(r) for r in rules)))))
         return compiled
-    plan = make_plan(model, composite, explain_output=explain_output, baseline=baseline, **options)
+    plan = make_plan(model, composite, explain_output=explain_output, baseline=baseline, portable=portable,
+                     **options)
     if plan.unsupported:
         raise UnsupportedError(plan.source, plan.unsupported)
     extra = relevance_at_outputs(plan, list(relevance_at or []))
@@ -168,7 +172,8 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
         layers.append((name, tensor))
     compiled = _assemble(plan.view, plan.builder, plan.records, plan.composite, plan.params,
                          plan.canonicalizations, layers)
-    compiled.graph.input.extend(plan.baseline_inputs)
+    if not portable:  # portable: the baseline is a constant (ORT warns about initializers listed as inputs)
+        compiled.graph.input.extend(plan.baseline_inputs)
     compiled.graph.initializer.extend(plan.baseline_defaults)
     compiled.metadata_props.add(key="onnxlrp.explained_output", value=plan.explained_output)
     compiled.metadata_props.add(key="onnxlrp.warnings", value=json.dumps(plan.warnings))
@@ -179,8 +184,9 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
         compiled.metadata_props.add(key="onnxlrp.token_ids", value=json.dumps(token_ids))
     if columns:
         compiled.metadata_props.add(key="onnxlrp.bias_relevance", value=json.dumps(columns))
-    if inline:
-        compiled = onnx.inliner.inline_local_functions(compiled)
+    compiled.metadata_props.add(key="onnxlrp.portable", value=json.dumps(portable))
+    if inline or portable:
+        compiled = inline_functions(compiled)
     try:
         onnx.checker.check_model(weightless(compiled), full_check=True)
     except Exception as exc:  # ValidationError or InferenceError
@@ -190,12 +196,14 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
 
 
 def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
-              explain_output: str | None = None, baseline="zeros", rules=None, **options) -> Plan:
+              explain_output: str | None = None, baseline="zeros", portable: bool = False, rules=None,
+              **options) -> Plan:
     """Load, canonicalise and walk the graph: which rule and template every node gets (nothing is raised for
     unsupported nodes; they are listed in the plan)."""
     if rules:
         with user_rules_in_effect(rules):
-            return make_plan(model, composite, explain_output=explain_output, baseline=baseline, **options)
+            return make_plan(model, composite, explain_output=explain_output, baseline=baseline, portable=portable,
+                             **options)
     source = model_source(model)
     try:
         params = validate_options(options)
@@ -239,7 +247,7 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
         builder.nodes.extend(nodes)
         builder.taken.update(o for n in nodes for o in n.output)
     records, unsupported, contributions = _walk(view, path, rules, chosen, params, explained, builder, reference,
-                                                per_node)
+                                                per_node, portable)
     output = explain_output or view.model.graph.output[0].name
     findings = cancelling_sums(view, path, rules, {i: node_category(view, i) for i in path})
     return Plan(source, view, builder, records, unsupported, chosen, params, applied, output, baseline_inputs,
@@ -380,7 +388,7 @@ def _all_names(model: onnx.ModelProto) -> set[str]:
 
 def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen: Composite, params: dict,
           explained: str, builder: _Builder, reference: dict[str, str] | None = None,
-          per_node: dict[int, tuple[dict, str]] | None = None):
+          per_node: dict[int, tuple[dict, str]] | None = None, portable: bool = False):
     lib = library()
     opset = default_opset(view.model)
     start = "start_relevance" if chosen.signal == "relevance" else "start_gradient"
@@ -425,8 +433,8 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
             record.arriving_at.append(out)
             for x in view.activation_inputs(index):
                 ctx = BindContext(view, index, x, y, builder.constant, opset, fusion, rule, builder.plain,
-                                  reference)
-                linear = VARIANTS[spec.variant](ctx) if spec.variant else None
+                                  reference, portable)
+                linear = choose_variant(ctx, spec.variant) if spec.variant else None
                 template = spec.template_for(rule, x, linear)
                 if template is None:
                     unsupported.append((name, node.op_type, f"no template for rule {rule!r}"))

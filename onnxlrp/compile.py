@@ -17,6 +17,7 @@ from .canonical import canonicalize
 from .composites import Composite, assign_rules, get_composite, node_category, validate_options
 from .errors import OnnxlrpError, UnsupportedError
 from .fusion import find_fusions
+from .quantized import float_twin
 from .graph import FLOAT_TYPES, GraphView
 from .reference import reference_forward
 from .shapes import probe_shapes
@@ -167,8 +168,11 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
     proto = read_model(model)
     check(proto, source)
     proto, applied = canonicalize(proto, source)
+    proto, twins = float_twin(proto, source)
+    if twins:
+        applied.append("float_twin")
     view = GraphView(proto)
-    explained = _explained_tensor(view, explain_output, source)
+    explained = _explained_tensor(view, explain_output, source, twins)
     path = view.relevance_path(explained)
     tensors = {t for i in path for t in list(view.nodes[i].input) + list(view.nodes[i].output)
                if t in view.activations}
@@ -250,13 +254,13 @@ def _sample_total(builder: _Builder, tensors: list[str], name: str) -> str:
     return builder.totals[name]
 
 
-def _explained_tensor(view: GraphView, name: str | None, source: str) -> str:
+def _explained_tensor(view: GraphView, name: str | None, source: str, twins: dict[str, str] | None = None) -> str:
     outputs = [o.name for o in view.model.graph.output]
     if name is None:
         name = outputs[0]
     elif name not in outputs:
         raise OnnxlrpError(f"{source}: no output named {name!r}; outputs are: {', '.join(outputs)}")
-    tensor = name
+    tensor = (twins or {}).get(name, name)  # a quantized model: explain the output of its float twin
     if tensor in view.producer:  # look through a final Softmax / LogSoftmax: explain the scores before it
         node = view.nodes[view.producer[tensor][0]]
         if node.op_type in ("Softmax", "LogSoftmax"):

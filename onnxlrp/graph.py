@@ -10,6 +10,10 @@ import onnx
 from onnx import TensorProto
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+#: Quantized activations (see quantized.py): the integer outputs of these ops, and the 8/16-bit integer outputs
+#: of any op reading an activation (a MaxPool or Reshape on int8 data in QOperator models), carry activations.
+QUANTIZING_OPS = {"QuantizeLinear", "DynamicQuantizeLinear"}
+QUANTIZED_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16}
 
 
 @dataclass
@@ -74,8 +78,10 @@ class GraphView:
         active = {vi.name for vi in self.float_inputs}
         for node in self.nodes:
             if any(i in active for i in node.input if i):
+                quantizing = node.op_type in QUANTIZING_OPS
                 for out in node.output:
-                    if out and self.info.get(out, TensorInfo()).elem_type in FLOAT_TYPES | {0}:
+                    elem = self.info.get(out, TensorInfo()).elem_type
+                    if out and (quantizing or elem in FLOAT_TYPES | QUANTIZED_TYPES | {0}):
                         active.add(out)
         return active
 

@@ -50,10 +50,16 @@ def main() -> None:
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Where to write the compiled model [default: MODEL with suffix .lrp.onnx].")
-@click.option("--composite", default="epsilon_plus_flat", show_default=True,
-              help=f"Rule preset: {', '.join(composite_names())}.")
+@click.option("--composite", default=None,
+              help=f"Rule preset: {', '.join(composite_names())} [default: epsilon_plus_flat for image inputs, "
+                   f"epsilon_plus for tabular [N, features] inputs; printed on stderr].")
 @rule_options
 @click.option("--explain-output", default=None, help="Output to explain [default: the first].")
+@click.option("--target-mask", is_flag=True,
+              help="Take a float input target_mask shaped like the explained output instead of target: start "
+                   "relevance = output * mask (segmentation regions, detection scores).")
+@click.option("--constant-input", "constant_inputs", multiple=True, metavar="NAME",
+              help="A float input that is a parameter, not data (repeatable): no relevance output for it.")
 @click.option("--inline", is_flag=True, help="Inline the rule functions (plain ONNX graph, no local functions).")
 @click.option("--emit-layers", is_flag=True,
               help="Add an output layer_relevance__<node> [N] per rule application (relevance sum per sample).")
@@ -65,21 +71,26 @@ def main() -> None:
 @click.option("--baseline", default="zeros", show_default=True,
               help="DeepLIFT (--composite deeplift): the default baseline, zeros or a FILE.npy shaped like one input "
                    "sample; the compiled model takes it as input <input>_baseline.")
-def compile_command(model: Path, output: Path | None, composite: str, explain_output: str | None, inline: bool,
-                    emit_layers: bool, check: bool, bias_relevance: str | None, baseline: str, **options) -> None:
+def compile_command(model: Path, output: Path | None, composite: str, explain_output: str | None,
+                    target_mask: bool, constant_inputs: tuple[str, ...], inline: bool, emit_layers: bool, check: bool, bias_relevance: str | None,
+                    baseline: str, **options) -> None:
     """Compile MODEL into an explaining model with an extra input `target` and outputs `<input>_relevance`."""
     from .compile import compile_model
     output = output or model.with_suffix(".lrp.onnx")
     try:
         compiled = compile_model(model, composite, explain_output=explain_output, inline=inline,
-                                 emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline, **options)
+                                 emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline,
+                                 target_mask=target_mask, constant_inputs=constant_inputs, **options)
         report = _check_report(model, composite, explain_output, options) if check else None
         write_model_atomically(compiled, output)
     except OnnxlrpError as exc:
         _fail(str(exc))
+    meta = {p.key: p.value for p in compiled.metadata_props}
+    if composite is None:
+        click.echo(f"onnxlrp: composite {meta['onnxlrp.composite']} ({meta['onnxlrp.composite_default']})", err=True)
     if report:
         click.echo(report)
-    click.echo(f"wrote {output} (composite {composite})")
+    click.echo(f"wrote {output} (composite {meta['onnxlrp.composite']})")
 
 
 def _check_report(model: Path, composite: str, explain_output: str | None, options: dict) -> str:
@@ -182,17 +193,21 @@ def evaluate_command(model: Path, inputs: tuple[Path, ...], composites, lrn_rule
 
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
-@click.option("--composite", default="epsilon_plus_flat", show_default=True,
-              help=f"Rule preset: {', '.join(composite_names())}.")
+@click.option("--composite", default=None,
+              help=f"Rule preset: {', '.join(composite_names())} [default: as compile's].")
 @click.option("--explain-output", default=None, help="Output to explain [default: the first].")
 @click.option("--lrn-rule", default=DEFAULT_OPTIONS["lrn_rule"], show_default=True,
               help=f"Rule for LRN layers: {', '.join(LRN_RULES)}.")
-def inspect_command(model: Path, composite: str, explain_output: str | None, lrn_rule: str) -> None:
+@click.option("--constant-input", "constant_inputs", multiple=True, metavar="NAME",
+              help="A float input that is a parameter, not data (repeatable).")
+def inspect_command(model: Path, composite: str, explain_output: str | None, lrn_rule: str,
+                    constant_inputs: tuple[str, ...]) -> None:
     """Show, before compiling, the rule every node on the relevance path gets; exit 2 if any is unsupported."""
     from .compile import make_plan
     from .report import inspect_text
     try:
-        plan = make_plan(model, composite, explain_output=explain_output, lrn_rule=lrn_rule)
+        plan = make_plan(model, composite, explain_output=explain_output, lrn_rule=lrn_rule,
+                         constant_inputs=constant_inputs)
     except OnnxlrpError as exc:
         _fail(str(exc))
     click.echo(inspect_text(plan))

@@ -27,6 +27,7 @@ from .templates import DOMAIN, library
 #: IR version written: accepted by every onnxruntime from 1.16 on (onnx >= 1.20 would write 14, too new for ORT).
 IR_VERSION = 10
 TARGET_INPUT = "target"
+TARGET_MASK_INPUT = "target_mask"
 NO_RELEVANCE = "none"  # ops.toml template name: this input receives no relevance
 RELEVANCE_SUFFIX = "_relevance"
 
@@ -111,12 +112,18 @@ class Plan:
     explained_output: str
     baseline_inputs: list = field(default_factory=list)
     baseline_defaults: list = field(default_factory=list)
+    target_mask: bool = False
+    default_reason: str | None = None  # why the composite was chosen, when the user chose none
 
 
-def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
+def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str | None = None, *,
                   explain_output: str | None = None, inline: bool = False, emit_layers: bool = False,
-                  bias_relevance: str | None = None, baseline="zeros", **options) -> onnx.ModelProto:
+                  bias_relevance: str | None = None, baseline="zeros", target_mask: bool = False,
+                  constant_inputs=(), **options) -> onnx.ModelProto:
     """Compile a model into one that also outputs ``<input>_relevance`` for the class given by input ``target``.
+
+    composite: a name from rules/composites.toml; None picks the default for the model's input (see
+    ``default_composite``; metadata ``onnxlrp.composite`` and ``onnxlrp.composite_default`` say which and why).
 
     options: epsilon, stabilizer, gamma, alpha, beta, low, high, lrn_rule (see composites.DEFAULT_OPTIONS).
     emit_layers: add an output ``layer_relevance__<node>`` [N] per rule application (the relevance it passes
@@ -124,8 +131,16 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     bias_relevance: "layers" adds an output ``bias_relevance`` [N, layers] with the relevance each rule
     application absorbed (bias and stabilizer shares), "units" splits epsilon-ruled linear layers per bias unit;
     input relevance + bias relevance = start relevance (metadata ``onnxlrp.bias_relevance`` names the columns).
+    target_mask: instead of ``target``, the compiled model takes a float input ``target_mask`` shaped like the
+    explained output (broadcastable to it): start relevance = output * mask (Zennit's attr_output), for
+    segmentation maps, detection heads or any weighting of several scores. Without it, ``target`` has a default
+    of [-1] (the top-scoring class), so callers of regression models may leave it out.
+    constant_inputs: names of float inputs that are parameters (e.g. a Keras Normalization's mean and variance
+    exported as inputs): they get no relevance output (inputs backed by an initializer of the same name are
+    weights anyway).
     """
-    plan = make_plan(model, composite, explain_output=explain_output, baseline=baseline, **options)
+    plan = make_plan(model, composite, explain_output=explain_output, baseline=baseline, target_mask=target_mask,
+                     constant_inputs=constant_inputs, **options)
     if plan.unsupported:
         raise UnsupportedError(plan.source, plan.unsupported)
     layers = _layer_outputs(plan, arriving=emit_layers == "check") if emit_layers else []
@@ -142,7 +157,11 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
                          plan.canonicalizations, layers)
     compiled.graph.input.extend(plan.baseline_inputs)
     compiled.graph.initializer.extend(plan.baseline_defaults)
+    _target_inputs(compiled, plan)
     compiled.metadata_props.add(key="onnxlrp.explained_output", value=plan.explained_output)
+    compiled.metadata_props.add(key="onnxlrp.target", value=TARGET_MASK_INPUT if plan.target_mask else TARGET_INPUT)
+    if plan.default_reason:
+        compiled.metadata_props.add(key="onnxlrp.composite_default", value=plan.default_reason)
     if columns:
         compiled.metadata_props.add(key="onnxlrp.bias_relevance", value=json.dumps(columns))
     if inline:
@@ -155,14 +174,15 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     return compiled
 
 
-def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
-              explain_output: str | None = None, baseline="zeros", **options) -> Plan:
+def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str | None = None, *,
+              explain_output: str | None = None, baseline="zeros", target_mask: bool = False, constant_inputs=(),
+              **options) -> Plan:
     """Load, canonicalise and walk the graph: which rule and template every node gets (nothing is raised for
     unsupported nodes; they are listed in the plan)."""
     source = model_source(model)
     try:
         params = validate_options(options)
-        chosen = get_composite(composite, str(params["lrn_rule"]))
+        chosen = get_composite(composite, str(params["lrn_rule"])) if composite is not None else None
     except OnnxlrpError as exc:
         raise OnnxlrpError(f"{source}: {exc}") from None
     proto = read_model(model)
@@ -171,7 +191,16 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
     proto, twins = float_twin(proto, source)
     if twins:
         applied.append("float_twin")
-    view = GraphView(proto)
+    names = {vi.name for vi in proto.graph.input}
+    unknown_inputs = [n for n in constant_inputs if n not in names]
+    if unknown_inputs:
+        raise OnnxlrpError(f"{source}: --constant-input {unknown_inputs[0]!r} is not a model input; inputs are: "
+                           f"{', '.join(sorted(names))}")
+    view = GraphView(proto, frozenset(constant_inputs))
+    default_reason = None
+    if chosen is None:
+        composite, default_reason = default_composite(view)
+        chosen = get_composite(composite, str(params["lrn_rule"]))
     explained = _explained_tensor(view, explain_output, source, twins)
     path = view.relevance_path(explained)
     tensors = {t for i in path for t in list(view.nodes[i].input) + list(view.nodes[i].output)
@@ -187,10 +216,47 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
         nodes, reference, baseline_inputs, baseline_defaults = reference_forward(view, baseline, source)
         builder.nodes.extend(nodes)
         builder.taken.update(o for n in nodes for o in n.output)
-    records, unsupported = _walk(view, path, rules, chosen, params, explained, builder, reference)
+    records, unsupported = _walk(view, path, rules, chosen, params, explained, builder, reference, target_mask)
     output = explain_output or view.model.graph.output[0].name
     return Plan(source, view, builder, records, unsupported, chosen, params, applied, output, baseline_inputs,
-                baseline_defaults)
+                baseline_defaults, target_mask, default_reason)
+
+
+IMAGE_COMPOSITE, TABULAR_COMPOSITE = "epsilon_plus_flat", "epsilon_plus"
+
+
+def default_composite(view: GraphView) -> tuple[str, str]:
+    """(composite, why) when the user chose none: epsilon_plus_flat (Zennit's recommendation for images) when a
+    floating-point input has spatial axes (rank >= 3), else epsilon_plus: on tabular [N, features] inputs the flat
+    first layer would give every feature the same relevance; epsilon_plus differs only there (no flat first layer:
+    epsilon on dense layers, z+ on convolutions)."""
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in view.float_inputs}
+    if not ranks or any(r >= 3 for r in ranks.values()):
+        return IMAGE_COMPOSITE, "default for inputs with spatial axes"
+    listed = ", ".join(f"{n!r} (rank {r})" for n, r in ranks.items())
+    return TABULAR_COMPOSITE, (f"default for non-image input {listed}: a flat first layer would make every "
+                               f"feature equally relevant")
+
+
+def _target_inputs(compiled: onnx.ModelProto, plan: Plan) -> None:
+    """``target`` gets a default of [-1] (the top class; its own batch dimension, so [1] or [N] both fit), or is
+    replaced by ``target_mask``: the explained output's type and shape (unknown dimensions named)."""
+    graph = compiled.graph
+    index = next(k for k, vi in enumerate(graph.input) if vi.name == TARGET_INPUT)
+    if not plan.target_mask:
+        graph.input[index].type.tensor_type.shape.dim[0].Clear()
+        graph.input[index].type.tensor_type.shape.dim[0].dim_param = "target_batch"
+        graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_INPUT))
+        return
+    out = next(o for o in plan.view.model.graph.output if o.name == plan.explained_output)
+    mask = onnx.ValueInfoProto()
+    mask.CopyFrom(out)
+    mask.name = TARGET_MASK_INPUT
+    for k, dim in enumerate(mask.type.tensor_type.shape.dim):
+        if not dim.HasField("dim_value") and not dim.dim_param:
+            dim.dim_param = f"mask_dim{k}"
+    del graph.input[index]
+    graph.input.append(mask)
 
 
 BIAS_OUTPUT = "bias_relevance"
@@ -282,11 +348,14 @@ def _all_names(model: onnx.ModelProto) -> set[str]:
 
 
 def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen: Composite, params: dict,
-          explained: str, builder: _Builder, reference: dict[str, str] | None = None):
+          explained: str, builder: _Builder, reference: dict[str, str] | None = None, target_mask: bool = False):
     lib = library()
     opset = default_opset(view.model)
     start = "start_relevance" if chosen.signal == "relevance" else "start_gradient"
-    (seed,) = builder.call(start, [explained, TARGET_INPUT], f"{explained}__R")
+    if target_mask:
+        (seed,) = builder.call(f"{start}_mask", [explained, TARGET_MASK_INPUT], f"{explained}__R")
+    else:
+        (seed,) = builder.call(start, [explained, TARGET_INPUT], f"{explained}__R")
     contributions: dict[str, list[str]] = {explained: [seed]}
     records: list[RuleRecord] = []
     unsupported: list[tuple[str, str, str]] = []

@@ -29,6 +29,7 @@ class GraphView:
     """Indexes over one graph; nodes are referred to by their position in topological order."""
 
     model: onnx.ModelProto
+    constant_inputs: frozenset[str] = frozenset()  # inputs that are parameters (--constant-input): no relevance
     nodes: list[onnx.NodeProto] = field(init=False)
     info: dict[str, TensorInfo] = field(init=False)
     producer: dict[str, tuple[int, int]] = field(init=False)
@@ -62,7 +63,7 @@ class GraphView:
         the model only casts to a floating-point type."""
         chosen = []
         for vi in self.model.graph.input:
-            if vi.name in self.initializers:
+            if vi.name in self.initializers or vi.name in self.constant_inputs:
                 continue
             if vi.type.tensor_type.elem_type in FLOAT_TYPES or self._cast_to_float_only(vi.name):
                 chosen.append(vi)

@@ -27,7 +27,13 @@ def inspect_text(plan: Plan) -> str:
     rows = [[r.node, r.op, r.category or "?", r.rule or "-", r.template or "-", _bias(plan, r),
              ", ".join(f"{k}={v:g}" for k, v in sorted(r.params.items()))] for r in plan.records]
     parts = [f"model: {plan.source}",
-             f"composite: {plan.composite.name} (Zennit: {plan.composite.zennit}), signal: {plan.composite.signal}",
+             f"composite: {plan.composite.name} (Zennit: {plan.composite.zennit}), signal: {plan.composite.signal}"
+             + (f"; {plan.default_reason}" if plan.default_reason else ""),
+             f"explained: output {plan.explained_output!r} "
+             f"({'start = output * target_mask' if plan.target_mask else 'class given by target'}); "
+             f"relevance for input(s): {', '.join(vi.name for vi in plan.view.float_inputs) or 'none'}"
+             + (f"; constant input(s): {', '.join(sorted(plan.view.constant_inputs))}"
+                if plan.view.constant_inputs else ""),
              f"parameters: {json.dumps(plan.params, sort_keys=True)}",
              f"canonicalizations: {', '.join(plan.canonicalizations) or 'none'}",
              f"relevance path: {len(plan.records)} nodes", "",

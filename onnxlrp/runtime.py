@@ -73,7 +73,7 @@ class Explainer:
     >>> outputs, relevance = explainer.explain(x, target=3)  # class 3 for every sample
     """
 
-    def __init__(self, model, composite: str = "epsilon_plus_flat", providers: list[str] | None = None,
+    def __init__(self, model, composite: str | None = None, providers: list[str] | None = None,
                  **options) -> None:
         from .compile import compile_model
         self._setup(compile_model(model, composite, **options), providers)
@@ -86,12 +86,14 @@ class Explainer:
         return explainer
 
     def _setup(self, compiled: onnx.ModelProto, providers: list[str] | None) -> None:
-        from .compile import RELEVANCE_SUFFIX, TARGET_INPUT
+        from .compile import RELEVANCE_SUFFIX, TARGET_INPUT, TARGET_MASK_INPUT
         self.compiled = compiled
         self.session = make_session(self.compiled, providers)
         self._target = TARGET_INPUT
+        self.uses_mask = any(i.name == TARGET_MASK_INPUT for i in compiled.graph.input)
         defaults = {t.name for t in compiled.graph.initializer}  # e.g. a DeepLIFT baseline with a default
-        inputs = [i for i in self.session.get_inputs() if i.name != TARGET_INPUT and i.name not in defaults]
+        inputs = [i for i in self.session.get_inputs()
+                  if i.name not in (TARGET_INPUT, TARGET_MASK_INPUT) and i.name not in defaults]
         self.input_names = [i.name for i in inputs]
         outputs = [o.name for o in self.session.get_outputs()]
         self.relevance_names = [o for o in outputs if o.endswith(RELEVANCE_SUFFIX)
@@ -102,11 +104,14 @@ class Explainer:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def explain(self, x, target=None) -> tuple[dict[str, np.ndarray], np.ndarray | dict[str, np.ndarray]]:
+    def explain(self, x, target=None, target_mask=None) -> tuple[dict[str, np.ndarray],
+                                                                 np.ndarray | dict[str, np.ndarray]]:
         """Run the compiled model.
 
         x: one array (single-input models) or a dict name -> array. target: None (top class), an int for every
-        sample, or one int per sample (negative = top class).
+        sample, or one int per sample (negative = top class). target_mask: for models compiled with
+        ``target_mask=True`` (then required, and target must be None): a float array shaped like (or
+        broadcastable to) the explained output; start relevance = output * mask.
         Returns (original outputs by name, relevance): relevance is an array shaped like x for single-input models,
         else a dict input name -> relevance.
         """
@@ -116,7 +121,16 @@ class Explainer:
             raise OnnxlrpError(f"missing model input(s): {', '.join(sorted(missing))}")
         feeds = {k: np.asarray(v) for k, v in feeds.items()}
         batch = next(iter(feeds.values())).shape[0] if feeds else 1
-        feeds[self._target] = self._targets(target, batch)
+        if self.uses_mask:
+            if target_mask is None or target is not None:
+                raise OnnxlrpError("this model was compiled with a target mask: pass target_mask (and no target)")
+            mask = next(i for i in self.compiled.graph.input if i.name == "target_mask")
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(mask.type.tensor_type.elem_type)
+            feeds["target_mask"] = np.asarray(target_mask, dtype=dtype)
+        elif target_mask is not None:
+            raise OnnxlrpError("target_mask needs a model compiled with target_mask=True (--target-mask)")
+        else:
+            feeds[self._target] = self._targets(target, batch)
         names = self.output_names + self.relevance_names
         try:
             values = self.session.run(names, feeds)

@@ -88,6 +88,9 @@ def compile_command(model: Path, output: Path | None, composite: str, explain_ou
     meta = {p.key: p.value for p in compiled.metadata_props}
     if composite is None:
         click.echo(f"onnxlrp: composite {meta['onnxlrp.composite']} ({meta['onnxlrp.composite_default']})", err=True)
+    if explain_output is None and len(meta.get("onnxlrp.outputs", "").split(",")) > 1:
+        click.echo(f"onnxlrp: explained output {meta['onnxlrp.explained_output']!r} (its scores before any "
+                   f"softmax/sigmoid; --explain-output picks another)", err=True)
     if report:
         click.echo(report)
     click.echo(f"wrote {output} (composite {meta['onnxlrp.composite']})")

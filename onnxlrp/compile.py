@@ -159,6 +159,7 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str | N
     compiled.graph.initializer.extend(plan.baseline_defaults)
     _target_inputs(compiled, plan)
     compiled.metadata_props.add(key="onnxlrp.explained_output", value=plan.explained_output)
+    compiled.metadata_props.add(key="onnxlrp.outputs", value=",".join(o.name for o in plan.view.model.graph.output))
     compiled.metadata_props.add(key="onnxlrp.target", value=TARGET_MASK_INPUT if plan.target_mask else TARGET_INPUT)
     if plan.default_reason:
         compiled.metadata_props.add(key="onnxlrp.composite_default", value=plan.default_reason)
@@ -217,7 +218,8 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str | None 
         builder.nodes.extend(nodes)
         builder.taken.update(o for n in nodes for o in n.output)
     records, unsupported = _walk(view, path, rules, chosen, params, explained, builder, reference, target_mask)
-    output = explain_output or view.model.graph.output[0].name
+    output = explain_output or next(o.name for o in view.model.graph.output
+                                    if _scores(view, o.name, twins) == explained)
     return Plan(source, view, builder, records, unsupported, chosen, params, applied, output, baseline_inputs,
                 baseline_defaults, target_mask, default_reason)
 
@@ -322,18 +324,45 @@ def _sample_total(builder: _Builder, tensors: list[str], name: str) -> str:
 
 def _explained_tensor(view: GraphView, name: str | None, source: str, twins: dict[str, str] | None = None) -> str:
     outputs = [o.name for o in view.model.graph.output]
-    if name is None:
-        name = outputs[0]
-    elif name not in outputs:
+    if name is not None and name not in outputs:
         raise OnnxlrpError(f"{source}: no output named {name!r}; outputs are: {', '.join(outputs)}")
-    tensor = (twins or {}).get(name, name)  # a quantized model: explain the output of its float twin
-    if tensor in view.producer:  # look through a final Softmax / LogSoftmax: explain the scores before it
-        node = view.nodes[view.producer[tensor][0]]
-        if node.op_type in ("Softmax", "LogSoftmax"):
-            tensor = node.input[0]
+    if name is None:  # the first output that depends on a float input (skl2onnx lists the label first)
+        name = next((o for o in outputs if _scores(view, o, twins) in view.activations), outputs[0])
+    tensor = _scores(view, name, twins)
     if tensor not in view.activations:
         raise OnnxlrpError(f"{source}: output {name!r} does not depend on any floating-point model input, "
                            f"so there is no relevance to compute")
+    return tensor
+
+
+def _scores(view: GraphView, output: str, twins: dict[str, str] | None) -> str:
+    """The tensor explained for an output: its pre-activation, in the float twin when there is one (quantized
+    and sklearn models)."""
+    tensor = _pre_activation(view, output)
+    if twins:
+        tensor = _pre_activation(view, twins.get(tensor, tensor))
+    return tensor
+
+
+def _pre_activation(view: GraphView, tensor: str) -> str:
+    """The scores an output is computed from: look through a final Softmax / LogSoftmax, and through what
+    skl2onnx puts after a classifier's scores (ZipMap's seq(map), Cast to float, the L1 Normalizer of the
+    probabilities, the binary [1 - sigmoid(z), sigmoid(z)] Concat: its logit z)."""
+    while tensor in view.producer:
+        node = view.nodes[view.producer[tensor][0]]
+        if node.op_type in ("Softmax", "LogSoftmax", "ZipMap") or (node.op_type == "Normalizer"
+                                                                  and node.domain == "ai.onnx.ml"):
+            tensor = node.input[0]
+        elif node.op_type == "Cast" and view.info.get(node.input[0]) is not None \
+                and view.info[node.input[0]].elem_type in FLOAT_TYPES:
+            tensor = node.input[0]
+        elif node.op_type == "Concat" and len(node.input) == 2 and node.input[1] in view.producer \
+                and view.nodes[view.producer[node.input[1]][0]].op_type == "Sigmoid" \
+                and node.input[0] in view.producer and view.nodes[view.producer[node.input[0]][0]].op_type == "Sub" \
+                and view.nodes[view.producer[node.input[0]][0]].input[1] == node.input[1]:
+            tensor = view.nodes[view.producer[node.input[1]][0]].input[0]
+        else:
+            break
     return tensor
 
 

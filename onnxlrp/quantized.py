@@ -1,4 +1,7 @@
-"""Quantized models (ONNX Runtime's quantize_static in QDQ and QOperator format, quantize_dynamic): the rules run
+"""The float twin: quantized models and scikit-learn's linear ai.onnx.ml ops (sklearn_ops.py) are explained on
+a copy of the graph in standard float ops, computed beside the untouched forward.
+
+Quantized models (ONNX Runtime's quantize_static in QDQ and QOperator format, quantize_dynamic): the rules run
 on a float *twin* of the quantized graph, computed beside it; the quantized forward is left untouched, so its
 outputs stay bit-identical and ONNX Runtime keeps fusing it into its integer kernels.
 
@@ -48,8 +51,20 @@ _ELEMENTWISE = {
 }
 
 
+#: Rewrites of other formats into the twin, by op type (sklearn_ops.py registers the ai.onnx.ml ones): each gets
+#: the twin, the node and a name hint, emits the node's twin and returns the names of further nodes it replaced.
+REWRITES: dict[str, object] = {}
+ML_DOMAIN = "ai.onnx.ml"
+
+
 def is_quantized(model: onnx.ModelProto) -> bool:
     return any(n.op_type in QUANT_OPS for n in model.graph.node)
+
+
+def needs_twin(model: onnx.ModelProto) -> bool:
+    """Quantized models, and models with an ai.onnx.ml op that has a rewrite (LinearClassifier, Scaler, ...)."""
+    from . import sklearn_ops  # noqa: F401  (registers its rewrites)
+    return is_quantized(model) or any(n.op_type in REWRITES and n.domain == ML_DOMAIN for n in model.graph.node)
 
 
 class _Twin:
@@ -132,6 +147,16 @@ class _Twin:
     def emit(self, op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs) -> None:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=self.fresh(name), domain=domain, **attrs))
 
+    def copy(self, node: onnx.NodeProto, hint: str) -> None:
+        """The node itself, reading and writing twin tensors."""
+        twin = onnx.NodeProto()
+        twin.CopyFrom(node)
+        twin.name = self.fresh(hint)
+        del twin.input[:], twin.output[:]
+        twin.input.extend(self.tw(i) for i in node.input)
+        twin.output.extend(self.tw(o) for o in node.output)
+        self.nodes.append(twin)
+
     def dq(self, x: str, scale: str, zero: str, hint: str) -> str:
         """A DequantizeLinear of the twin of quantized activation ``x`` (a constant is dequantized now)."""
         value = self.value(x)
@@ -158,8 +183,9 @@ def _attrs(node: onnx.NodeProto, drop=("channels_last",)) -> dict:
 
 
 def float_twin(model: onnx.ModelProto, source: str) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """The model with the float twin added beside it, and output name -> its twin tensor; ({} if not quantized)."""
-    if not is_quantized(model):
+    """The model with the float twin added beside it, and forward tensor -> its twin (for every tensor the twin
+    also computes); (model, {}) when no twin is needed."""
+    if not needs_twin(model):
         return model, {}
     t = _Twin(model, source)
     skip: set[str] = set()
@@ -190,20 +216,17 @@ def float_twin(model: onnx.ModelProto, source: str) -> tuple[onnx.ModelProto, di
             t.requantize(y, node.input[0], node.input[1], node.output[0], hint)
         elif node.op_type in ("ConvInteger", "MatMulInteger"):
             skip |= _integer_linear(t, node, hint)
+        elif node.op_type in REWRITES and node.domain == ML_DOMAIN:
+            skip |= REWRITES[node.op_type](t, node, hint) or set()
         else:
-            twin = onnx.NodeProto()
-            twin.CopyFrom(node)
-            twin.name = t.fresh(hint)
-            del twin.input[:], twin.output[:]
-            twin.input.extend(t.tw(i) for i in node.input)
-            twin.output.extend(t.tw(o) for o in node.output)
-            t.nodes.append(twin)
+            t.copy(node, hint)
     combined = onnx.ModelProto()
     combined.CopyFrom(model)
     combined.graph.node.extend(t.nodes)
     combined.graph.initializer.extend(numpy_helper.from_array(v, n) for n, v in t.constants.items())
     combined = infer_shapes(combined, source)
-    return combined, {o.name: t.tw(o.name) for o in model.graph.output}
+    produced = {o for n in t.nodes for o in n.output}
+    return combined, {o: PREFIX + o for n in model.graph.node for o in n.output if PREFIX + o in produced}
 
 
 def _qlinear_linear(t: _Twin, node: onnx.NodeProto, hint: str, op: str, x: int, w: int, bias: int | None,

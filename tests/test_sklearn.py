@@ -146,3 +146,22 @@ def test_trees_and_kernel_svms_are_refused_by_name(estimator, op):
     with pytest.raises(OnnxlrpError, match=rf"node \S+ \({op}\): .* have no LRP rule") as error:
         compile_model(model)
     assert "\n" not in str(error.value)
+
+
+def test_imputer_pipeline_routes_relevance_to_present_features():
+    """SimpleImputer -> Imputer: Where(IsNaN(x), imputed, x); missing features get no relevance, the others the
+    linear model's x * w (the imputed values take part in the scores but belong to no input)."""
+    from sklearn.impute import SimpleImputer
+    estimator = _fit(make_pipeline(SimpleImputer(), LogisticRegression()), Y3)
+    model = to_onnx(estimator, X[:1], target_opset={"": 18, "ai.onnx.ml": 3})
+    compiled = compile_model(model, "epsilon", epsilon=0.0)
+    sample = SAMPLE.copy()
+    sample[0, 1] = sample[3, 4] = np.nan
+    session = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
+    relevance = session.run(["X_relevance"], {"X": sample})[0]
+    filled = estimator[0].transform(sample).astype(np.float64)
+    head = estimator[-1]
+    expected = _lrp0_dense(filled, [(head.coef_.T.astype(np.float64), head.intercept_.astype(np.float64))])
+    expected[np.isnan(sample)] = 0.0
+    assert np.isfinite(relevance).all()
+    np.testing.assert_allclose(relevance, expected, rtol=1e-4, atol=1e-5)

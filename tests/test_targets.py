@@ -190,3 +190,17 @@ def test_tabular_default_does_not_flatten_features(tmp_path):
     _, default = onnxlrp.Explainer(path).explain(x)
     assert np.allclose(flat, flat[0, 0])  # every feature equal
     assert np.ptp(default) > 1e-3 * np.abs(default).max()
+
+
+def test_gradient_composite_with_mask_is_input_times_gradient(tmp_path):
+    """start_gradient_mask: the gradient composite starts from the mask: x * d(sum(mask * y))/dx (torch autograd)."""
+    torch.manual_seed(4)
+    module = Segmenter().eval()
+    x = torch.rand(2, 3, 10, 10, requires_grad=True)
+    path = _export(tmp_path, module, x.detach(), "seg")
+    mask = np.random.RandomState(0).rand(1, 3, 10, 10).astype(np.float32)
+    _, relevance = onnxlrp.Explainer(path, "gradient", target_mask=True).explain(x.detach().numpy(),
+                                                                                 target_mask=mask)
+    (module(x) * torch.from_numpy(mask)).sum().backward()
+    expected = (x * x.grad).detach().numpy()
+    assert _rel_l2(relevance, expected) <= 1e-5

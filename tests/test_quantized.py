@@ -203,3 +203,21 @@ def test_activation_weight_is_refused(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     with pytest.raises(OnnxlrpError, match="node mm \\(QLinearMatMul\\)"):
         compile_model(model, "epsilon")
+
+
+@pytest.mark.parametrize("family", ["cnn", "mlp"])
+def test_qdq_twin_is_the_quantized_graph_evaluated_op_by_op(models, family):
+    """With graph optimisations off, ONNX Runtime evaluates a QDQ model op by op in float (no integer kernels):
+    the twin (weights dequantized at compile time) must give exactly the same output."""
+    compiled = compile_model(str(models[family, "qdq"]), "epsilon")
+    compiled.graph.output.append(onnx.helper.make_tensor_value_info(PREFIX + "logits", onnx.TensorProto.FLOAT,
+                                                                    None))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    x = _data(family, 8, 5)
+    plain = ort.InferenceSession(str(models[family, "qdq"]), options, providers=["CPUExecutionProvider"])
+    twin = ort.InferenceSession(compiled.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    expected = plain.run(None, {"x": x})[0]
+    names = [o.name for o in compiled.graph.output]
+    got = twin.run(None, {"x": x, "target": np.full(8, -1, np.int64)})
+    np.testing.assert_array_equal(got[names.index(PREFIX + "logits")], expected)

@@ -72,8 +72,8 @@ def main() -> None:
               help="DeepLIFT (--composite deeplift): the default baseline, zeros or a FILE.npy shaped like one input "
                    "sample; the compiled model takes it as input <input>_baseline.")
 def compile_command(model: Path, output: Path | None, composite: str, explain_output: str | None,
-                    target_mask: bool, constant_inputs: tuple[str, ...], inline: bool, emit_layers: bool, check: bool, bias_relevance: str | None,
-                    baseline: str, **options) -> None:
+                    target_mask: bool, constant_inputs: tuple[str, ...], inline: bool, emit_layers: bool,
+                    check: bool, bias_relevance: str | None, baseline: str, **options) -> None:
     """Compile MODEL into an explaining model with an extra input `target` and outputs `<input>_relevance`."""
     from .compile import compile_model
     output = output or model.with_suffix(".lrp.onnx")

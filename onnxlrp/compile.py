@@ -22,12 +22,11 @@ from .graph import FLOAT_TYPES, GraphView
 from .reference import reference_forward
 from .shapes import probe_shapes
 from .load import check, default_opset, model_source, read_model, weightless
+from .targets import TARGET_INPUT, TARGET_MASK_INPUT, default_composite, scores_tensor, set_target_inputs
 from .templates import DOMAIN, library
 
 #: IR version written: accepted by every onnxruntime from 1.16 on (onnx >= 1.20 would write 14, too new for ORT).
 IR_VERSION = 10
-TARGET_INPUT = "target"
-TARGET_MASK_INPUT = "target_mask"
 NO_RELEVANCE = "none"  # ops.toml template name: this input receives no relevance
 RELEVANCE_SUFFIX = "_relevance"
 
@@ -157,7 +156,7 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str | N
                          plan.canonicalizations, layers)
     compiled.graph.input.extend(plan.baseline_inputs)
     compiled.graph.initializer.extend(plan.baseline_defaults)
-    _target_inputs(compiled, plan)
+    set_target_inputs(compiled.graph, plan.view, plan.explained_output, plan.target_mask)
     compiled.metadata_props.add(key="onnxlrp.explained_output", value=plan.explained_output)
     compiled.metadata_props.add(key="onnxlrp.outputs", value=",".join(o.name for o in plan.view.model.graph.output))
     compiled.metadata_props.add(key="onnxlrp.target", value=TARGET_MASK_INPUT if plan.target_mask else TARGET_INPUT)
@@ -219,46 +218,9 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str | None 
         builder.taken.update(o for n in nodes for o in n.output)
     records, unsupported = _walk(view, path, rules, chosen, params, explained, builder, reference, target_mask)
     output = explain_output or next(o.name for o in view.model.graph.output
-                                    if _scores(view, o.name, twins) == explained)
+                                    if scores_tensor(view, o.name, twins) == explained)
     return Plan(source, view, builder, records, unsupported, chosen, params, applied, output, baseline_inputs,
                 baseline_defaults, target_mask, default_reason)
-
-
-IMAGE_COMPOSITE, TABULAR_COMPOSITE = "epsilon_plus_flat", "epsilon_plus"
-
-
-def default_composite(view: GraphView) -> tuple[str, str]:
-    """(composite, why) when the user chose none: epsilon_plus_flat (Zennit's recommendation for images) when a
-    floating-point input has spatial axes (rank >= 3), else epsilon_plus: on tabular [N, features] inputs the flat
-    first layer would give every feature the same relevance; epsilon_plus differs only there (no flat first layer:
-    epsilon on dense layers, z+ on convolutions)."""
-    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in view.float_inputs}
-    if not ranks or any(r >= 3 for r in ranks.values()):
-        return IMAGE_COMPOSITE, "default for inputs with spatial axes"
-    listed = ", ".join(f"{n!r} (rank {r})" for n, r in ranks.items())
-    return TABULAR_COMPOSITE, (f"default for non-image input {listed}: a flat first layer would make every "
-                               f"feature equally relevant")
-
-
-def _target_inputs(compiled: onnx.ModelProto, plan: Plan) -> None:
-    """``target`` gets a default of [-1] (the top class; its own batch dimension, so [1] or [N] both fit), or is
-    replaced by ``target_mask``: the explained output's type and shape (unknown dimensions named)."""
-    graph = compiled.graph
-    index = next(k for k, vi in enumerate(graph.input) if vi.name == TARGET_INPUT)
-    if not plan.target_mask:
-        graph.input[index].type.tensor_type.shape.dim[0].Clear()
-        graph.input[index].type.tensor_type.shape.dim[0].dim_param = "target_batch"
-        graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_INPUT))
-        return
-    out = next(o for o in plan.view.model.graph.output if o.name == plan.explained_output)
-    mask = onnx.ValueInfoProto()
-    mask.CopyFrom(out)
-    mask.name = TARGET_MASK_INPUT
-    for k, dim in enumerate(mask.type.tensor_type.shape.dim):
-        if not dim.HasField("dim_value") and not dim.dim_param:
-            dim.dim_param = f"mask_dim{k}"
-    del graph.input[index]
-    graph.input.append(mask)
 
 
 BIAS_OUTPUT = "bias_relevance"
@@ -327,42 +289,11 @@ def _explained_tensor(view: GraphView, name: str | None, source: str, twins: dic
     if name is not None and name not in outputs:
         raise OnnxlrpError(f"{source}: no output named {name!r}; outputs are: {', '.join(outputs)}")
     if name is None:  # the first output that depends on a float input (skl2onnx lists the label first)
-        name = next((o for o in outputs if _scores(view, o, twins) in view.activations), outputs[0])
-    tensor = _scores(view, name, twins)
+        name = next((o for o in outputs if scores_tensor(view, o, twins) in view.activations), outputs[0])
+    tensor = scores_tensor(view, name, twins)
     if tensor not in view.activations:
         raise OnnxlrpError(f"{source}: output {name!r} does not depend on any floating-point model input, "
                            f"so there is no relevance to compute")
-    return tensor
-
-
-def _scores(view: GraphView, output: str, twins: dict[str, str] | None) -> str:
-    """The tensor explained for an output: its pre-activation, in the float twin when there is one (quantized
-    and sklearn models)."""
-    tensor = _pre_activation(view, output)
-    if twins:
-        tensor = _pre_activation(view, twins.get(tensor, tensor))
-    return tensor
-
-
-def _pre_activation(view: GraphView, tensor: str) -> str:
-    """The scores an output is computed from: look through a final Softmax / LogSoftmax, and through what
-    skl2onnx puts after a classifier's scores (ZipMap's seq(map), Cast to float, the L1 Normalizer of the
-    probabilities, the binary [1 - sigmoid(z), sigmoid(z)] Concat: its logit z)."""
-    while tensor in view.producer:
-        node = view.nodes[view.producer[tensor][0]]
-        if node.op_type in ("Softmax", "LogSoftmax", "ZipMap") or (node.op_type == "Normalizer"
-                                                                  and node.domain == "ai.onnx.ml"):
-            tensor = node.input[0]
-        elif node.op_type == "Cast" and view.info.get(node.input[0]) is not None \
-                and view.info[node.input[0]].elem_type in FLOAT_TYPES:
-            tensor = node.input[0]
-        elif node.op_type == "Concat" and len(node.input) == 2 and node.input[1] in view.producer \
-                and view.nodes[view.producer[node.input[1]][0]].op_type == "Sigmoid" \
-                and node.input[0] in view.producer and view.nodes[view.producer[node.input[0]][0]].op_type == "Sub" \
-                and view.nodes[view.producer[node.input[0]][0]].input[1] == node.input[1]:
-            tensor = view.nodes[view.producer[node.input[1]][0]].input[0]
-        else:
-            break
     return tensor
 
 

@@ -53,16 +53,37 @@ def fold_constants(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     numerics: BatchNormalization and bias Adds are folded into their linear layer for the rules only
     (fusion.py), so the compiled model's original outputs stay bit-identical."""
     rules = [common_rules.dropout_inference_rule, common_rules.dropout_zero_rule]
+    hidden = _hide_map_types(model)
     try:
         with _quiet_onnxscript():
             ir_model = onnx_ir.serde.deserialize_model(model)
             onnxscript.optimizer.fold_constants(ir_model)
             ir_model = rewrite(ir_model, pattern_rewrite_rules=rules)
             onnxscript.optimizer.remove_unused_nodes(ir_model)
-            return onnx_ir.serde.serialize_model(ir_model)
+            folded = onnx_ir.serde.serialize_model(ir_model)
+            for vi in folded.graph.output:
+                if vi.name in hidden:
+                    vi.type.CopyFrom(hidden[vi.name])
+            return folded
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OnnxlrpError(f"{source}: graph optimisation failed: {first}") from None
+
+
+def _hide_map_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """onnx_ir cannot read map types (skl2onnx's ZipMap outputs, seq(map)): clear them on the outputs and value
+    infos of a copy's worth of fields, returning the outputs' types to restore after folding."""
+    def has_map(t: onnx.TypeProto) -> bool:
+        kind = t.WhichOneof("value")
+        return kind == "map_type" or (kind == "sequence_type" and has_map(t.sequence_type.elem_type))
+
+    hidden = {}
+    for vi in list(model.graph.output) + list(model.graph.value_info):
+        if has_map(vi.type):
+            hidden[vi.name] = onnx.TypeProto()
+            hidden[vi.name].CopyFrom(vi.type)
+            vi.ClearField("type")
+    return hidden
 
 
 def remove_dead_nodes(model: onnx.ModelProto, source: str) -> onnx.ModelProto:

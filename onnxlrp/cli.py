@@ -156,9 +156,16 @@ def main() -> None:
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Where to write the compiled model [default: MODEL with suffix .lrp.onnx].")
-@click.option("--composite", default="epsilon_plus_flat", show_default=True, help=COMPOSITE_HELP)
+@click.option("--composite", default=None,
+              help=COMPOSITE_HELP + " [default: epsilon_plus_flat for image inputs, epsilon_plus for tabular "
+                   "[N, features] inputs; printed on stderr].")
 @rule_options
 @click.option("--explain-output", default=None, help="Output to explain [default: the first].")
+@click.option("--target-mask", is_flag=True,
+              help="Take a float input target_mask shaped like the explained output instead of target: start "
+                   "relevance = output * mask (segmentation regions, detection scores).")
+@click.option("--constant-input", "constant_inputs", multiple=True, metavar="NAME",
+              help="A float input that is a parameter, not data (repeatable): no relevance output for it.")
 @click.option("--inline", is_flag=True, help="Inline the rule functions (plain ONNX graph, no local functions).")
 @click.option("--portable", is_flag=True,
               help="One plain graph for every runtime (OpenVINO, onnx.reference, ONNX Runtime): --inline, and "
@@ -176,8 +183,9 @@ def main() -> None:
 @click.option("--relevance-at", "relevance_at", multiple=True, metavar="TENSOR",
               help="Also output TENSOR_relevance, the relevance at that tensor, shaped like it (repeatable; e.g. "
                    "a text model's word-embedding output, a CNN layer).")
-def compile_command(model: Path, output: Path | None, composite: str, explain_output: str | None, inline: bool,
-                    portable: bool, emit_layers: bool, check: bool, bias_relevance: str | None, baseline: str,
+def compile_command(model: Path, output: Path | None, composite: str | None, explain_output: str | None,
+                    target_mask: bool, constant_inputs: tuple[str, ...], inline: bool, portable: bool,
+                    emit_layers: bool, check: bool, bias_relevance: str | None, baseline: str,
                     relevance_at: tuple[str, ...], **options) -> None:
     """Compile MODEL into an explaining model with an extra input `target` and outputs `<input>_relevance`."""
     from .compile import compile_model
@@ -189,14 +197,23 @@ def compile_command(model: Path, output: Path | None, composite: str, explain_ou
         check_output(output, protected)
         compiled = compile_model(model, composite, explain_output=explain_output, inline=inline, portable=portable,
                                  emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline,
-                                 relevance_at=relevance_at, **options)
-        report, flagged = check_report(model, composite, explain_output, options) if check else (None, 0)
+                                 relevance_at=relevance_at, target_mask=target_mask,
+                                 constant_inputs=constant_inputs, **options)
+        report, flagged = check_report(model, composite, explain_output, {**options,
+                                                                          "constant_inputs": constant_inputs}) \
+            if check else (None, 0)
         write_model_atomically(compiled, output, protected)
     except OnnxlrpError as exc:
         _fail(str(exc))
+    meta = {p.key: p.value for p in compiled.metadata_props}
+    if composite is None:
+        click.echo(f"onnxlrp: composite {meta['onnxlrp.composite']} ({meta['onnxlrp.composite_default']})", err=True)
+    if explain_output is None and len(meta.get("onnxlrp.outputs", "").split(",")) > 1:
+        click.echo(f"onnxlrp: explained output {meta['onnxlrp.explained_output']!r} (its scores before any "
+                   f"softmax/sigmoid; --explain-output picks another)", err=True)
     if report:
         click.echo(report)
-    click.echo(f"wrote {output} (composite {composite})")
+    click.echo(f"wrote {output} (composite {meta['onnxlrp.composite']})")
     if flagged:  # the model is written, but a conserving rule lost or created relevance: say so by the exit code
         sys.exit(1)
 
@@ -392,19 +409,22 @@ def export_triton_command(model: Path, repository: Path, name: str | None, max_b
 
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
-@click.option("--composite", default="epsilon_plus_flat", show_default=True, help=COMPOSITE_HELP)
+@click.option("--composite", default=None, help=COMPOSITE_HELP + " [default: as compile's].")
 @click.option("--explain-output", default=None, help="Output to explain [default: the first].")
 @click.option("--lrn-rule", default=DEFAULT_OPTIONS["lrn_rule"], show_default=True,
               help=f"Rule for LRN layers: {', '.join(LRN_RULES)}.")
+@click.option("--constant-input", "constant_inputs", multiple=True, metavar="NAME",
+              help="A float input that is a parameter, not data (repeatable).")
 @RULES_OPTION
-def inspect_command(model: Path, composite: str, explain_output: str | None, lrn_rule: str,
-                    rules: tuple[Path, ...]) -> None:
+def inspect_command(model: Path, composite: str | None, explain_output: str | None, lrn_rule: str,
+                    constant_inputs: tuple[str, ...], rules: tuple[Path, ...]) -> None:
     """Show, before compiling, the rule every node on the relevance path gets (and, with a composite file's
     overrides, why); exit 2 if any is unsupported."""
     from .compile import make_plan
     from .report import inspect_text
     try:
-        plan = make_plan(model, composite, explain_output=explain_output, lrn_rule=lrn_rule, rules=rules)
+        plan = make_plan(model, composite, explain_output=explain_output, lrn_rule=lrn_rule, rules=rules,
+                         constant_inputs=constant_inputs)
     except OnnxlrpError as exc:
         _fail(str(exc))
     click.echo(inspect_text(plan))

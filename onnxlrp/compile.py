@@ -19,18 +19,19 @@ from .diagnostics import cancelling_sums, warn
 from .errors import OnnxlrpError, UnsupportedError
 from .extra_outputs import add_relevance_at, relevance_at_outputs, token_ids_metadata
 from .fusion import find_fusions
+from .quantized import float_twin
 from .graph import FLOAT_TYPES, GraphView
 from .patterns import recognise
 from .portable import inline as inline_functions
 from .reference import reference_forward
 from .shapes import probe_shapes
 from .load import check, default_opset, model_source, read_model, weightless
+from .targets import TARGET_INPUT, TARGET_MASK_INPUT, default_composite, scores_tensor, set_target_inputs
 from .templates import DOMAIN, library, user_rules_in_effect
 from .user_rules import rules_fingerprint
 
 #: IR version written: accepted by every onnxruntime from 1.16 on (onnx >= 1.20 would write 14, too new for ORT).
 IR_VERSION = 10
-TARGET_INPUT = "target"
 NO_RELEVANCE = "none"  # ops.toml template name: this input receives no relevance
 RELEVANCE_SUFFIX = "_relevance"
 
@@ -125,13 +126,19 @@ class Plan:
     warnings: list[str] = field(default_factory=list)  # see diagnostics.py
     contributions: dict[str, list[str]] = field(default_factory=dict)  # tensor -> relevance parts arriving there
     reference: dict[str, str] | None = None  # DeepLIFT: activation -> its reference tensor
+    target_mask: bool = False
+    default_reason: str | None = None  # why the composite was chosen, when the user chose none
 
 
-def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
+def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str | None = None, *,
                   explain_output: str | None = None, inline: bool = False, emit_layers: bool = False,
                   bias_relevance: str | None = None, baseline="zeros", relevance_at: list[str] | tuple = (),
-                  portable: bool = False, rules=None, **options) -> onnx.ModelProto:
+                  portable: bool = False, rules=None, target_mask: bool = False, constant_inputs=(),
+                  **options) -> onnx.ModelProto:
     """Compile a model into one that also outputs ``<input>_relevance`` for the class given by input ``target``.
+
+    composite: a name from rules/composites.toml; None picks the default for the model's input (see
+    ``default_composite``; metadata ``onnxlrp.composite`` and ``onnxlrp.composite_default`` say which and why).
 
     options: epsilon, stabilizer, gamma, alpha, beta, low, high, lrn_rule (see composites.DEFAULT_OPTIONS).
     emit_layers: add an output ``layer_relevance__<node>`` [N] per rule application (the relevance it passes
@@ -144,17 +151,25 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     relevance_at: tensor names; each adds an output ``<tensor>_relevance`` shaped like the tensor.
     portable: one plain graph that every mainstream runtime runs (OpenVINO, onnx.reference, ORT): functions
     inlined, only portable template variants (bindings.PORTABLE_VARIANTS); implies ``inline``.
+    target_mask: instead of ``target``, the compiled model takes a float input ``target_mask`` shaped like the
+    explained output (broadcastable to it): start relevance = output * mask (Zennit's attr_output), for
+    segmentation maps, detection heads or any weighting of several scores. Without it, ``target`` has a default
+    of [-1] (the top-scoring class), so callers of regression models may leave it out.
+    constant_inputs: names of float inputs that are parameters (e.g. a Keras Normalization's mean and variance
+    exported as inputs): they get no relevance output (inputs backed by an initializer of the same name are
+    weights anyway).
     """
     if rules:
         with user_rules_in_effect(rules):
             compiled = compile_model(model, composite, explain_output=explain_output, inline=inline,
                                      emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline,
-                                     relevance_at=relevance_at, portable=portable, **options)
+                                     relevance_at=relevance_at, portable=portable, target_mask=target_mask,
+                                     constant_inputs=constant_inputs, **options)
         compiled.metadata_props.add(key="onnxlrp.user_rules", value=json.dumps(dict(rules_fingerprint(
             tuple(str(r) for r in rules)))))
         return compiled
     plan = make_plan(model, composite, explain_output=explain_output, baseline=baseline, portable=portable,
-                     **options)
+                     target_mask=target_mask, constant_inputs=constant_inputs, **options)
     if plan.unsupported:
         raise UnsupportedError(plan.source, plan.unsupported)
     extra = relevance_at_outputs(plan, list(relevance_at or []))
@@ -175,6 +190,7 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     if not portable:  # portable: the baseline is a constant (ORT warns about initializers listed as inputs)
         compiled.graph.input.extend(plan.baseline_inputs)
     compiled.graph.initializer.extend(plan.baseline_defaults)
+    set_target_inputs(compiled.graph, plan.view, plan.explained_output, plan.target_mask, plan.builder.target_input)
     compiled.metadata_props.add(key="onnxlrp.explained_output", value=plan.explained_output)
     compiled.metadata_props.add(key="onnxlrp.warnings", value=json.dumps(plan.warnings))
     warn(plan.warnings, plan.source)
@@ -182,6 +198,10 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     token_ids = token_ids_metadata(plan)
     if token_ids:
         compiled.metadata_props.add(key="onnxlrp.token_ids", value=json.dumps(token_ids))
+    compiled.metadata_props.add(key="onnxlrp.outputs", value=",".join(o.name for o in plan.view.model.graph.output))
+    compiled.metadata_props.add(key="onnxlrp.target", value=plan.builder.target_input)
+    if plan.default_reason:
+        compiled.metadata_props.add(key="onnxlrp.composite_default", value=plan.default_reason)
     if columns:
         compiled.metadata_props.add(key="onnxlrp.bias_relevance", value=json.dumps(columns))
     compiled.metadata_props.add(key="onnxlrp.portable", value=json.dumps(portable))
@@ -195,29 +215,42 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str = "
     return compiled
 
 
-def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsilon_plus_flat", *,
+def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str | None = None, *,
               explain_output: str | None = None, baseline="zeros", portable: bool = False, rules=None,
+              target_mask: bool = False, constant_inputs=(),
               **options) -> Plan:
     """Load, canonicalise and walk the graph: which rule and template every node gets (nothing is raised for
     unsupported nodes; they are listed in the plan)."""
     if rules:
         with user_rules_in_effect(rules):
             return make_plan(model, composite, explain_output=explain_output, baseline=baseline, portable=portable,
-                             **options)
+                             target_mask=target_mask, constant_inputs=constant_inputs, **options)
     source = model_source(model)
     try:
         params = validate_options(options)
-        chosen = get_composite(composite, str(params["lrn_rule"]))
+        chosen = get_composite(composite, str(params["lrn_rule"])) if composite is not None else None
     except OnnxlrpError as exc:
         raise OnnxlrpError(f"{source}: {exc}") from None
     proto = read_model(model)
     check(proto, source)
     declared = {vi.name for vi in proto.graph.value_info}
     proto, applied = canonicalize(proto, source)
+    proto, twins = float_twin(proto, source)
+    if twins:
+        applied.append("float_twin")
+    names = {vi.name for vi in proto.graph.input}
+    unknown_inputs = [n for n in constant_inputs if n not in names]
+    if unknown_inputs:
+        raise OnnxlrpError(f"{source}: --constant-input {unknown_inputs[0]!r} is not a model input; inputs are: "
+                           f"{', '.join(sorted(names))}")
     rule_nodes, recognised = recognise(proto)  # what the rules see; the forward keeps its nodes
     applied += [f"recognised {label} x{count}" for label, count in sorted(recognised.items())]
-    view = GraphView(proto, rule_nodes=rule_nodes)
-    explained = _explained_tensor(view, explain_output, source)
+    view = GraphView(proto, rule_nodes=rule_nodes, constant_inputs=frozenset(constant_inputs))
+    default_reason = None
+    if chosen is None:
+        composite, default_reason = default_composite(view)
+        chosen = get_composite(composite, str(params["lrn_rule"]))
+    explained = _explained_tensor(view, explain_output, source, twins)
     path = view.relevance_path(explained)
     tensors = {t for i in path for t in list(view.nodes[i].input) + list(view.nodes[i].output)
                if t in view.activations}
@@ -236,7 +269,7 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
         raise OnnxlrpError(f"{source}: {exc}") from None
 
     builder = _Builder(taken=_all_names(proto))
-    _reserve(view, builder)
+    _reserve(view, builder, target_mask)
     reference, baseline_inputs, baseline_defaults = None, [], []
     if chosen.signal == "deeplift" and view.token_lookups:
         raise OnnxlrpError(f"{source}: deeplift needs a floating-point input; token ids "
@@ -247,18 +280,20 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str = "epsi
         builder.nodes.extend(nodes)
         builder.taken.update(o for n in nodes for o in n.output)
     records, unsupported, contributions = _walk(view, path, rules, chosen, params, explained, builder, reference,
-                                                per_node, portable)
-    output = explain_output or view.model.graph.output[0].name
+                                                per_node, portable, target_mask)
+    output = explain_output or next(o.name for o in view.model.graph.output
+                                    if scores_tensor(view, o.name, twins) == explained)
     findings = cancelling_sums(view, path, rules, {i: node_category(view, i) for i in path})
     return Plan(source, view, builder, records, unsupported, chosen, params, applied, output, baseline_inputs,
-                baseline_defaults, warnings=findings, contributions=contributions, reference=reference)
+                baseline_defaults, warnings=findings, contributions=contributions, reference=reference,
+                target_mask=target_mask, default_reason=default_reason)
 
 
-def _reserve(view: GraphView, builder: _Builder) -> None:
-    """The compiled model's own input and outputs: ``target`` and ``<input>_relevance``, or, where the model
-    already uses such a name (an input called target, ...), the first free ``<name>_1``, ``<name>_2``, ... (recorded
-    in the metadata ``onnxlrp.target_input`` and ``onnxlrp.relevance_outputs``)."""
-    builder.target_input = builder.fresh(TARGET_INPUT)
+def _reserve(view: GraphView, builder: _Builder, target_mask: bool = False) -> None:
+    """The compiled model's own input and outputs: ``target`` (or ``target_mask``) and ``<input>_relevance``, or,
+    where the model already uses such a name (an input called target, ...), the first free ``<name>_1``,
+    ``<name>_2``, ... (recorded in the metadata ``onnxlrp.target_input`` and ``onnxlrp.relevance_outputs``)."""
+    builder.target_input = builder.fresh(TARGET_MASK_INPUT if target_mask else TARGET_INPUT)
     inputs = view.float_inputs + ([view.ids_input] if view.ids_input is not None else [])  # + a text model's ids
     builder.relevance_outputs = {vi.name: builder.fresh(vi.name + RELEVANCE_SUFFIX) for vi in inputs}
 
@@ -359,17 +394,13 @@ def _sample_total(builder: _Builder, tensors: list[str], name: str, at: list[str
     return builder.totals[name]
 
 
-def _explained_tensor(view: GraphView, name: str | None, source: str) -> str:
+def _explained_tensor(view: GraphView, name: str | None, source: str, twins: dict[str, str] | None = None) -> str:
     outputs = [o.name for o in view.model.graph.output]
-    if name is None:
-        name = outputs[0]
-    elif name not in outputs:
+    if name is not None and name not in outputs:
         raise OnnxlrpError(f"{source}: no output named {name!r}; outputs are: {', '.join(outputs)}")
-    tensor = name
-    if tensor in view.producer:  # look through a final Softmax / LogSoftmax: explain the scores before it
-        node = view.nodes[view.producer[tensor][0]]
-        if node.op_type in ("Softmax", "LogSoftmax"):
-            tensor = node.input[0]
+    if name is None:  # the first output that depends on a float input (skl2onnx lists the label first)
+        name = next((o for o in outputs if scores_tensor(view, o, twins) in view.activations), outputs[0])
+    tensor = scores_tensor(view, name, twins)
     if tensor not in view.activations:
         raise OnnxlrpError(f"{source}: output {name!r} does not depend on any floating-point model input, "
                            f"so there is no relevance to compute")
@@ -388,11 +419,12 @@ def _all_names(model: onnx.ModelProto) -> set[str]:
 
 def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen: Composite, params: dict,
           explained: str, builder: _Builder, reference: dict[str, str] | None = None,
-          per_node: dict[int, tuple[dict, str]] | None = None, portable: bool = False):
+          per_node: dict[int, tuple[dict, str]] | None = None, portable: bool = False, target_mask: bool = False):
     lib = library()
     opset = default_opset(view.model)
     start = "start_relevance" if chosen.signal == "relevance" else "start_gradient"
-    (seed,) = builder.call(start, [explained, builder.target_input], f"{explained}__R")
+    (seed,) = builder.call(f"{start}_mask" if target_mask else start, [explained, builder.target_input],
+                           f"{explained}__R")
     contributions: dict[str, list[str]] = {explained: [seed]}
     records: list[RuleRecord] = []
     unsupported: list[tuple[str, str, str]] = []

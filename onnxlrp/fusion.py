@@ -61,6 +61,11 @@ def find_fusions(view: GraphView, path: list[int]) -> dict[int, Fusion]:
             fusion.output = follower.output[0]
         if fusion.absorbed or fusion.weight is not None:
             fusions[index] = fusion
+    from .branches import find_branch_fusions  # parallel branches summed (RepVGG): one conv for the rules
+    for producer, fusion in find_branch_fusions(view, path, fusions).items():
+        for absorbed in fusion.absorbed:
+            fusions.pop(absorbed, None)
+        fusions[producer] = fusion
     return fusions
 
 

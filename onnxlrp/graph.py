@@ -13,8 +13,10 @@ from onnx import TensorProto
 from .lookups import INTEGER_TYPES, TokenLookup, choose_ids_input, find_lookups
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
-#: Ops whose integer output still carries the activation's values (a quantized copy): the path goes on through them.
-VALUE_CARRYING_OPS = {"QuantizeLinear", "DynamicQuantizeLinear"}
+#: Quantized activations (see quantized.py): the integer outputs of these ops, and the 8/16-bit integer outputs
+#: of any op reading an activation (a MaxPool or Reshape on int8 data in QOperator models), carry activations.
+QUANTIZING_OPS = {"QuantizeLinear", "DynamicQuantizeLinear"}
+QUANTIZED_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16}
 
 
 @dataclass
@@ -34,6 +36,7 @@ class GraphView:
 
     model: onnx.ModelProto
     rule_nodes: list[onnx.NodeProto] | None = None
+    constant_inputs: frozenset[str] = frozenset()  # inputs that are parameters (--constant-input): no relevance
     nodes: list[onnx.NodeProto] = field(init=False)
     info: dict[str, TensorInfo] = field(init=False)
     producer: dict[str, tuple[int, int]] = field(init=False)
@@ -76,7 +79,7 @@ class GraphView:
         the model only casts to a floating-point type, unless it is a text model (then they are masks)."""
         chosen = []
         for vi in self.model.graph.input:
-            if vi.name in self.initializers:
+            if vi.name in self.initializers or vi.name in self.constant_inputs:
                 continue
             if vi.type.tensor_type.elem_type in FLOAT_TYPES or (
                     not self.token_lookups and self._cast_to_float_only(vi.name)):
@@ -105,13 +108,14 @@ class GraphView:
 
     def _find_activations(self) -> set[str]:
         """Float tensors that depend on a float graph input or on a token-ids lookup (everything else is a
-        constant or shape data)."""
+        constant or shape data); quantized copies of activations carry them too."""
         active = {vi.name for vi in self.float_inputs} | {lookup.output for lookup in self.token_lookups}
         for i, node in enumerate(self.nodes):
             if any(name in active for name in list(node.input) + self.subgraph_reads.get(i, []) if name):
+                quantizing = node.op_type in QUANTIZING_OPS
                 for out in node.output:
-                    if out and (self.info.get(out, TensorInfo()).elem_type in FLOAT_TYPES | {0}
-                                or node.op_type in VALUE_CARRYING_OPS):
+                    elem = self.info.get(out, TensorInfo()).elem_type
+                    if out and (quantizing or elem in FLOAT_TYPES | QUANTIZED_TYPES | {0}):
                         active.add(out)
         return active
 

@@ -37,7 +37,13 @@ def inspect_text(plan: Plan) -> str:
         for row, record in zip(rows, plan.records):
             row.append(record.why)
     parts = [f"model: {plan.source}",
-             f"composite: {plan.composite.name} (Zennit: {plan.composite.zennit}), signal: {plan.composite.signal}",
+             f"composite: {plan.composite.name} (Zennit: {plan.composite.zennit}), signal: {plan.composite.signal}"
+             + (f"; {plan.default_reason}" if plan.default_reason else ""),
+             f"explained: output {plan.explained_output!r} "
+             f"({'start = output * target_mask' if plan.target_mask else 'class given by target'}); "
+             f"relevance for input(s): {', '.join(vi.name for vi in plan.view.float_inputs) or 'none'}"
+             + (f"; constant input(s): {', '.join(sorted(plan.view.constant_inputs))}"
+                if plan.view.constant_inputs else ""),
              f"parameters: {json.dumps(plan.params, sort_keys=True)}",
              f"canonicalizations: {', '.join(plan.canonicalizations) or 'none'}",
              f"recognised on the relevance path: {_recognised(plan) or 'nothing'}",
@@ -194,7 +200,7 @@ def check_report(model, composite: str, explain_output: str | None, options: dic
     from .compile import compile_model
     from .runtime import make_session
     from .composites import get_composite
-    accounts = get_composite(composite, "identity").signal != "deeplift"  # books: absorbed shares by kind
+    accounts = composite is None or get_composite(composite, "identity").signal != "deeplift"  # books by kind
     with warnings.catch_warnings():  # the compile itself has already issued them
         warnings.simplefilter("ignore", OnnxlrpWarning)
         checked = compile_model(model, composite, explain_output=explain_output, emit_layers="check",

@@ -130,7 +130,7 @@ class Explainer:
     >>> outputs, relevance = explainer.explain(x, target=3)  # class 3 for every sample
     """
 
-    def __init__(self, model, composite: str = "epsilon_plus_flat", providers: list[str] | None = None,
+    def __init__(self, model, composite: str | None = None, providers: list[str] | None = None,
                  **options) -> None:
         from .compile import compile_model
         self._setup(compile_model(model, composite, **options), providers)
@@ -148,6 +148,8 @@ class Explainer:
         self.session = make_session(self.compiled, providers)
         interface = Interface.of(compiled)  # names in the metadata (target_1 where the model has a target)
         self._target = interface.target_input
+        target = next((i for i in compiled.graph.input if i.name == self._target), None)
+        self.uses_mask = target is not None and target.type.tensor_type.elem_type != onnx.TensorProto.INT64
         defaults = {t.name for t in compiled.graph.initializer}  # e.g. a DeepLIFT baseline with a default
         inputs = [i for i in self.session.get_inputs() if i.name != self._target and i.name not in defaults]
         self.input_names = [i.name for i in inputs]
@@ -165,11 +167,14 @@ class Explainer:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def explain(self, x, target=None) -> tuple[dict[str, np.ndarray], np.ndarray | dict[str, np.ndarray]]:
+    def explain(self, x, target=None, target_mask=None) -> tuple[dict[str, np.ndarray],
+                                                                 np.ndarray | dict[str, np.ndarray]]:
         """Run the compiled model.
 
         x: one array (single-input models) or a dict name -> array. target: None (top class), an int for every
-        sample, or one int per sample (negative = top class).
+        sample, or one int per sample (negative = top class). target_mask: for models compiled with
+        ``target_mask=True`` (then required, and target must be None): a float array shaped like (or
+        broadcastable to) the explained output; start relevance = output * mask.
         Returns (original outputs by name, relevance): relevance is an array shaped like x when the model has one
         relevance output, else a dict name -> relevance (input names, and the tensors given to relevance_at).
         """
@@ -181,7 +186,16 @@ class Explainer:
         batch = next(iter(feeds.values())).shape[0] if feeds else 1
         if any(v.ndim == 0 or v.shape[0] == 0 for v in feeds.values()):
             raise OnnxlrpError("empty batch: every input needs a batch axis with at least one sample")
-        feeds[self._target] = self._targets(target, batch)
+        if self.uses_mask:
+            if target_mask is None or target is not None:
+                raise OnnxlrpError("this model was compiled with a target mask: pass target_mask (and no target)")
+            mask = next(i for i in self.compiled.graph.input if i.name == self._target)
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(mask.type.tensor_type.elem_type)
+            feeds[self._target] = np.asarray(target_mask, dtype=dtype)
+        elif target_mask is not None:
+            raise OnnxlrpError("target_mask needs a model compiled with target_mask=True (--target-mask)")
+        else:
+            feeds[self._target] = self._targets(target, batch)
         names = self.output_names + self.relevance_names
         try:
             values = self.session.run(names, feeds)

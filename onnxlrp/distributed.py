@@ -177,7 +177,9 @@ def explain_dataset(model: str | Path, inputs, sink: str | Path, *, composite: s
     class, or a list of classes (one row each). outdir: also write ``<name>.npy`` / ``<name>.png`` per input there,
     named as the local ``explain`` names them (the Parquet rows then hold their paths instead of the arrays;
     cmap, zoom, colorbar and overlay as for ``explain``).
-    address: a Ray cluster (``auto``, ``ray://host:10001``); None starts a local Ray on this machine.
+    address: a Ray cluster (``auto``, ``ray://host:10001``); None starts a local Ray on this machine. Each actor
+    runs ONNX Runtime on ``threads_per_worker`` threads (1) and reserves half as many logical CPUs, so that Ray's
+    read and write tasks still find a CPU when the actors fill a small machine (else they wait forever).
     Returns the number of rows and error rows written.
     """
     import ray
@@ -230,7 +232,7 @@ def explain_dataset(model: str | Path, inputs, sink: str | Path, *, composite: s
                                        {"cmap": cmap, "zoom": zoom, "colorbar": colorbar, "overlay": overlay},
                                        threads_per_worker),
         batch_size=1 if files else batch_size, batch_format="numpy", concurrency=workers,
-        num_cpus=threads_per_worker or 1, max_restarts=0)
+        num_cpus=(threads_per_worker or 1) / 2, max_restarts=0)
     sink = Path(sink)
     try:
         result.write_parquet(str(sink))

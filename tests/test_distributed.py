@@ -74,6 +74,7 @@ def test_ray_relevance_is_bit_identical_to_local_explain_with_error_rows(local_r
         assert row["explained"] == 3 and row["relevance"].shape == (1, 32, 32)
 
 
+@pytest.mark.slow
 def test_parquet_source_and_streamed_dataset_with_bounded_memory(local_ray, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -254,12 +254,17 @@ def compile_command(model: Path, output: Path | None, composite: str | None, exp
               help="Hugging Face tokenizer.json for --text (read offline with the tokenizers library).")
 @click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Colour the tokens of --text (auto: when stdout is a terminal).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run on Ray Data: a local Ray (--ray alone) or a cluster (auto, ray://HOST:10001); also writes "
+                   "OUTDIR/results.parquet.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="With --ray: actors, one ONNX Runtime session each.")
 @rule_options
 def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, targets: tuple[int, ...],
                     labels_file: Path | None, json_path: str | None, composites: tuple[str, ...],
                     explain_output: str | None, batch_size: int, size, normalize: str, resize: str, cmap: str,
                     overlay: bool, colorbar: bool, scale: str, zoom: int, texts: tuple[str, ...],
-                    tokenizer: Path | None, color: str, **options) -> None:
+                    tokenizer: Path | None, color: str, ray_address: str | None, workers: int, **options) -> None:
     """Explain images (PNG/JPEG), folders of them, or .npy arrays: a heatmap PNG, the raw relevance (.npy) and
     one line per input and target (predicted class, score, explained class, sum of relevance). With --text and
     --tokenizer: sentences for a text model, each token printed with its relevance."""
@@ -289,6 +294,18 @@ def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, targets
         for key in ("low", "high"):  # None: the ZBox bounds follow --normalize
             if ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:
                 options[key] = None
+        if ray_address is not None:
+            from .distributed import explain_on_ray
+            if scale == "shared" or json_path is not None or labels_file is not None:
+                raise OnnxlrpError("--ray writes OUTDIR/results.parquet; it takes neither --scale shared, --json "
+                                   "nor --labels")
+            failures = explain_on_ray(model, list(inputs), outdir, list(composites), list(targets) or None,
+                                      batch_size, size, normalize, resize, cmap, workers,
+                                      None if ray_address == "local" else ray_address, log=log, zoom=zoom,
+                                      colorbar=colorbar, overlay=overlay, explain_output=explain_output,
+                                      **options)
+            _report_failures(failures)
+            return
         results, failures = explain_files(model, list(inputs), outdir, list(composites), list(targets) or None,
                                           batch_size, size, normalize, cmap, overlay, zoom, log=log,
                                           warn=lambda m: click.echo(m, err=True), labels=labels, resize=resize,
@@ -302,6 +319,11 @@ def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, targets
                 write_file_atomically(Path(json_path), lambda handle: handle.write((text + "\n").encode()))
     except (OnnxlrpError, ValueError) as exc:
         _fail(str(exc))
+    _report_failures(failures)
+
+
+def _report_failures(failures: list) -> None:
+    """One line per input that could not be used, a summary, and exit code 1 when there were any."""
     for _, message in failures:
         _error(message)
     if failures:
@@ -323,6 +345,37 @@ def _explain_texts(model: Path, inputs: tuple[Path, ...], texts: tuple[str, ...]
                       log=lambda m: click.echo(m, color=ansi), warn=lambda m: click.echo(m, err=True), **options)
     except (OnnxlrpError, ValueError, OSError) as exc:
         _fail(str(exc))
+
+
+@main.command("analyze")
+@click.argument("relevance", type=click.Path(exists=True, path_type=Path))
+@click.option("--class", "klass", type=int, default=None,
+              help="Analyse the inputs explained for this class (needs a Parquet sink: explain --ray).")
+@click.option("-o", "--outdir", type=click.Path(path_type=Path), default=Path("spray-report"), show_default=True,
+              help="Folder for index.html, its pictures and clusters.csv.")
+@click.option("--clusters", type=click.IntRange(min=2), default=None,
+              help="Number of clusters [default: the eigengap's suggestion].")
+@click.option("--neighbors", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Neighbours of the k-nearest-neighbour affinity graph.")
+@click.option("--size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Heatmaps are block-averaged to at most this many pixels a side.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of clustering and t-SNE.")
+def analyze_command(relevance: Path, klass: int | None, outdir: Path, clusters: int | None, neighbors: int,
+                    size: int, seed: int) -> None:
+    """SpRAy: cluster dataset-wide heatmaps (a folder of explain's .npy files, or a Parquet sink of explain
+    --ray) to find the strategies a model uses for a class; writes an HTML report."""
+    from .spray import analyze, load_relevance, write_report
+    try:
+        ids, arrays, inputs = load_relevance(relevance, klass)
+        result = analyze(ids, arrays, clusters=clusters, neighbors=neighbors, size=size, seed=seed, inputs=inputs)
+        page = write_report(result, outdir, title=f"SpRAy of {relevance}" + (f", class {klass}" if klass is not None
+                                                                               else ""))
+    except (OnnxlrpError, OSError) as exc:
+        _fail(str(exc))
+    n = int(result.labels.max()) + 1
+    click.echo(f"{len(ids)} heatmaps, eigengap suggests {result.suggested} clusters; "
+               + ", ".join(f"cluster {c}: {int((result.labels == c).sum())}" for c in range(n)))
+    click.echo(f"report: {page}")
 
 
 @main.command("evaluate")

@@ -90,10 +90,7 @@ def explain_files(model: Path, inputs: list[Path], outdir: Path, composites: lis
         raise OnnxlrpError("no input files (give images, .npy arrays, or folders of them)")
     if explain_output is not None:
         options["explain_output"] = explain_output
-    if options.get("low") is None or options.get("high") is None:  # the ZBox bounds follow --normalize
-        low, high = zbox_bounds(normalize, _channels(model, size))
-        options["low"] = low if options.get("low") is None else options["low"]
-        options["high"] = high if options.get("high") is None else options["high"]
+    follow_normalize(options, model, normalize, size)
     prepared = []
     for composite in composites:  # compile and check everything before the first file is written
         compiled, hit = compile_cached(model, composite, **options)
@@ -129,8 +126,7 @@ def explain_files(model: Path, inputs: list[Path], outdir: Path, composites: lis
         for composite, compiled, explainer in prepared:
             bar = _progress(len(loaded) * len(targets), progress and len(files) > 1, composite)
             pending = []  # (result, relevance map, background) waiting for the shared colour scale
-            for first in range(0, len(loaded), batch_size):
-                batch = loaded[first:first + batch_size]
+            for batch in _file_batches(loaded, files, batch_size):
                 x = _pad_batch(np.stack([array for _, array, _ in batch]), fixed)
                 runs = []
                 for t in targets:
@@ -172,6 +168,17 @@ def explain_files(model: Path, inputs: list[Path], outdir: Path, composites: lis
     return results, failures
 
 
+def _file_batches(loaded: list[tuple], files: list[Path], batch_size: int) -> list[list[tuple]]:
+    """The loaded inputs grouped by runs of ``batch_size`` files (an input that failed leaves its batch short), so
+    a batch holds the same inputs whichever inputs failed elsewhere; the Ray path (distributed.py) groups files the
+    same way, which keeps its relevance bit-identical to this one's."""
+    position = {path: i for i, path in enumerate(files)}
+    groups: dict[int, list[tuple]] = {}
+    for item in loaded:
+        groups.setdefault(position[item[0]] // batch_size, []).append(item)
+    return [groups[k] for k in sorted(groups)]
+
+
 def _result(path: Path, composite: str, scores: np.ndarray, target: int | None, relevance: np.ndarray,
             labels: list[str] | None) -> ExplainResult:
     predicted = int(scores.argmax())
@@ -179,6 +186,14 @@ def _result(path: Path, composite: str, scores: np.ndarray, target: int | None, 
     return ExplainResult(path, composite, predicted, float(scores[predicted]), explained, float(relevance.sum()),
                          predicted_label=class_name(labels, predicted), explained_label=class_name(labels, explained),
                          explained_score=float(scores[explained]))
+
+
+def follow_normalize(options: dict, model: Path, normalize: str, size) -> None:
+    """Fill unset ZBox bounds (options low/high None) from --normalize: the pixel range [0, 1] normalised."""
+    if options.get("low") is None or options.get("high") is None:
+        low, high = zbox_bounds(normalize, _channels(model, size))
+        options["low"] = low if options.get("low") is None else options["low"]
+        options["high"] = high if options.get("high") is None else options["high"]
 
 
 def _channels(model: Path, size) -> int | None:

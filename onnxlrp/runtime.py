@@ -99,10 +99,12 @@ def default_providers() -> list[str]:
     return [CUDA, CPU] if cuda_usable() else [CPU]
 
 
-def make_session(model: onnx.ModelProto, providers: list[str] | None = None):
-    """An ORT InferenceSession for an in-memory model."""
+def make_session(model: onnx.ModelProto, providers: list[str] | None = None, threads: int | None = None):
+    """An ORT InferenceSession for an in-memory model (``threads``: intra-op threads, default ORT's choice)."""
     ort = _ort()
     options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
     options.log_severity_level = 4  # errors reach the caller as one-line OnnxlrpErrors, not as ORT log lines
     try:
         if model.ByteSize() > save.EXTERNAL_DATA_THRESHOLD:  # too large for one protobuf message
@@ -136,16 +138,17 @@ class Explainer:
         self._setup(compile_model(model, composite, **options), providers)
 
     @classmethod
-    def from_compiled(cls, compiled: onnx.ModelProto, providers: list[str] | None = None) -> Explainer:
+    def from_compiled(cls, compiled: onnx.ModelProto, providers: list[str] | None = None,
+                      threads: int | None = None) -> Explainer:
         """An Explainer for a model that onnxlrp compiled earlier (e.g. loaded from a cache)."""
         explainer = cls.__new__(cls)
-        explainer._setup(compiled, providers)
+        explainer._setup(compiled, providers, threads)
         return explainer
 
-    def _setup(self, compiled: onnx.ModelProto, providers: list[str] | None) -> None:
+    def _setup(self, compiled: onnx.ModelProto, providers: list[str] | None, threads: int | None = None) -> None:
         from .compile import Interface
         self.compiled = compiled
-        self.session = make_session(self.compiled, providers)
+        self.session = make_session(self.compiled, providers, threads)
         interface = Interface.of(compiled)  # names in the metadata (target_1 where the model has a target)
         self._target = interface.target_input
         target = next((i for i in compiled.graph.input if i.name == self._target), None)

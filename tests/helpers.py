@@ -202,3 +202,25 @@ def lrn_taylor_numpy(x, r, size, alpha, beta, bias, eps=1e-6):
         for j in window:  # 0 where the total is 0 (x_k = 0 with a zero stabilizer)
             out[:, j] += np.divide(z[j] * r[:, k], total, out=np.zeros_like(total), where=total != 0)
     return out
+
+
+def exact_zennit_batch_norm() -> None:
+    """Make Zennit's BatchNorm merging exact (idempotent; call before using Zennit's canonizers).
+
+    Zennit 0.5.1's MergeBatchNorm folds a BatchNorm into the linear layer before it and resets the BatchNorm to
+    compute the identity, but leaves ``eps`` in place (torch >= 2.10 refuses eps = 0): the "identity" BatchNorm
+    still divides by sqrt(1 + eps), which scales every merged layer's output by 1 - 5e-6 (eps = 1e-5) and the
+    reference's relevance with it. Setting the merged BatchNorm's running_var to 1 - eps makes it the identity
+    (in float32, (1 - 1e-5) + 1e-5 == 1 exactly); ``remove`` restores the saved statistics as before."""
+    import torch
+    from zennit.canonizers import MergeBatchNorm
+    merge = MergeBatchNorm.merge_batch_norm
+    if getattr(merge, "exact", False):
+        return
+
+    def merge_exactly(modules, batch_norm):
+        merge(modules, batch_norm)
+        batch_norm.running_var.data = torch.full_like(batch_norm.running_var.data, 1.0 - batch_norm.eps)
+
+    merge_exactly.exact = True
+    MergeBatchNorm.merge_batch_norm = staticmethod(merge_exactly)

@@ -3,6 +3,8 @@ with a dynamic batch: compile -> onnx.checker full_check -> ORT run -> finite re
 original outputs bit-identical to the uncompiled model; resnet18 and vgg11_bn equal Zennit with its canonizers."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -14,8 +16,11 @@ from zennit.composites import EpsilonPlusFlat
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
 import onnxlrp
+from helpers import exact_zennit_batch_norm
 from onnxlrp.load import weightless
 from torch_models import EXPORTERS, export
+
+exact_zennit_batch_norm()  # Zennit 0.5.1 leaves eps in its merged BatchNorms (see helpers)
 
 # name -> input size (AlexNet and VGG need 224: their adaptive pools cannot be exported from smaller maps)
 ZOO = {
@@ -36,11 +41,8 @@ def build(name: str) -> torch.nn.Module:
     return model
 
 
-def sample(name: str) -> torch.Tensor:
-    # Random-weight VGG is ill-conditioned for LRP-epsilon at its dense layers: where a unit's z is near 0,
-    # float32 rounding in z (PyTorch's vs ONNX Runtime's summation order) is amplified; on some inputs both
-    # exports differ from Zennit, and from each other, by up to 7e-3. On this input the error is ~1e-4.
-    torch.manual_seed(3 if name == "vgg11_bn" else 1)
+def sample(name: str, seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
     return torch.randn(2, 3, ZOO[name], ZOO[name])
 
 
@@ -71,15 +73,30 @@ def test_zoo_model_compiles_runs_and_keeps_outputs(zoo_export, name, exporter):
     np.testing.assert_array_equal(y, original)
 
 
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("name,canonizer", [("resnet18", ResNetCanonizer), ("vgg11_bn", VGGCanonizer)])
-def test_zoo_model_equals_zennit(zoo_export, name, canonizer, exporter):
-    x = sample(name)
-    model = build(name)
+SEEDS = (100, 101, 102)
+
+
+@functools.cache
+def zennit_float64(name: str, seed: int) -> np.ndarray:
+    """Zennit's EpsilonPlusFlat with its torchvision canonizer, computed in float64 (the float32 reference has
+    rounding errors of its own: on vgg11_bn it differs from its float64 self by up to 5e-3 relative L2 on some
+    random inputs, where onnxlrp on ONNX Runtime stays within 5e-5 of the float64 reference)."""
+    x = sample(name, seed).double()
+    model = build(name).double()
     with torch.no_grad():
-        one_hot = torch.eye(10)[model(x).argmax(1)]
+        one_hot = torch.eye(10, dtype=torch.float64)[model(x).argmax(1)]
+    canonizer = {"resnet18": ResNetCanonizer, "vgg11_bn": VGGCanonizer}[name]
     with Gradient(model=model, composite=EpsilonPlusFlat(canonizers=[canonizer()])) as attributor:
         _, expected = attributor(x.clone(), lambda out: out * one_hot)
-    expected = expected.detach().numpy()
-    _, relevance = onnxlrp.Explainer(zoo_export(name, exporter), providers=["CPUExecutionProvider"]).explain(x.numpy())
-    assert np.linalg.norm(relevance - expected) / np.linalg.norm(expected) <= 1e-3
+    return expected.detach().numpy()
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn"])
+def test_zoo_model_equals_zennit(zoo_export, name, exporter):
+    """On several random inputs, to 1e-4 relative L2 (Zennit's merged BatchNorms made exact, see helpers)."""
+    explainer = onnxlrp.Explainer(zoo_export(name, exporter), providers=["CPUExecutionProvider"])
+    for seed in SEEDS:
+        _, relevance = explainer.explain(sample(name, seed).numpy())
+        expected = zennit_float64(name, seed)
+        assert np.linalg.norm(relevance - expected) / np.linalg.norm(expected) <= 1e-4, seed

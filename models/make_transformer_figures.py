@@ -10,12 +10,14 @@
 Both models are exported with the TorchScript exporter (opset 17, eager attention) and explained by onnxlrp's
 `attnlrp` / `cplrp` composites through the public API. Deterministic; a few minutes on 2 CPU cores.
 Run:  python models/make_transformer_figures.py [bert] [vit]    (needs the test extra: torch, transformers,
-tokenizers); `bert-figure` / `vit-figure` only redraw a figure from the models already there.
+tokenizers); `bert-figure` / `vit-figure` only redraw a figure from the models already there; VIT_EPOCHS=N
+trains the ViT for N epochs instead of 12.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -90,7 +92,7 @@ def make_vit() -> None:
         for k in range(0, len(shuffled), 100):
             index = shuffled[k:k + 100]
             yield {"pixel_values": images[index]}, labels[index]
-    _train(model, batches, epochs=12, lr=3e-3)
+    _train(model, batches, epochs=int(os.environ.get("VIT_EPOCHS", "12")), lr=3e-3)
     with torch.no_grad():
         accuracy = (model(pixel_values=images[test]).logits.argmax(1) == labels[test]).float().mean().item()
     print(f"tiny ViT: held-out accuracy {accuracy:.3f} on {len(test)} digits")

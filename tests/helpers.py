@@ -67,8 +67,8 @@ def template_relevance(node: onnx.NodeProto, x: np.ndarray, r: np.ndarray, rule:
 def _session(graph: onnx.GraphProto, function: str, opset: int = 18) -> ort.InferenceSession:
     """An ORT session for a graph that calls the library function ``function`` (checked with full_check)."""
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)]
-    functions = library().closure([function])
-    for f in functions:  # as the compiler does: the functions use the model's default-domain opset
+    functions = [onnx.FunctionProto.FromString(f.SerializeToString()) for f in library().closure([function])]
+    for f in functions:  # as the compiler does (on copies): the functions use the model's default-domain opset
         for imp in f.opset_import:
             if imp.domain == "":
                 imp.version = max(imp.version, opset)

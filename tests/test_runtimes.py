@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import warnings
 
 import numpy as np
@@ -345,7 +346,7 @@ def test_portable_form_keeps_the_audit_trail_and_drops_maxunpool(model_path, cap
     meta = [{p.key: p.value for p in m.metadata_props} for m in (default, portable)]
     assert set(meta[0]) == set(meta[1])
     assert (meta[0]["onnxlrp.portable"], meta[1]["onnxlrp.portable"]) == ("false", "true")
-    rules = [[(r["node"], r["rule"]) for r in __import__("json").loads(m["onnxlrp.rules"])] for m in meta]
+    rules = [[(r["node"], r["rule"]) for r in json.loads(m["onnxlrp.rules"])] for m in meta]
     assert rules[0] == rules[1]
     assert_loads_quietly(inlined, capfd)  # --inline alone is quiet too
     x = sample("lenet_dynamo18")

@@ -392,6 +392,11 @@ def analyze_command(relevance: Path, klass: int | None, outdir: Path, clusters: 
               help="What flipped patches become: mean (each channel's mean), value (--fill-value) or blur (a 7x7 "
                    "box blur)  [default: mean]")
 @click.option("--fill-value", type=float, default=None, help="The constant for --fill value  [default: 0]")
+@click.option("--definition", type=click.Choice(["onnxlrp", "quantus-pixel-flipping", "quantus-region-perturbation"]),
+              default="onnxlrp", show_default=True,
+              help="Whose metric: onnxlrp's (above), or Quantus 0.6's PixelFlipping (--patch x --patch features per "
+                   "step, raw score) or RegionPerturbation (--steps tiles, score drop, higher AUC is better), "
+                   "equal to Quantus's curves and AUCs (README, faithfulness).")
 @click.option("--baseline", "old_fill", type=click.Choice(["mean", "value", "blur"]), default=None, hidden=True,
               help="Deprecated name of --fill (compile's --baseline is DeepLIFT's reference input).")
 @click.option("--baseline-value", "old_fill_value", type=float, default=None, hidden=True,
@@ -404,7 +409,7 @@ def analyze_command(relevance: Path, klass: int | None, outdir: Path, clusters: 
 @float_rule_options
 def evaluate_command(model: Path, inputs: tuple[Path, ...], composites, lrn_rules, steps: int, patch: int,
                      fill: str | None, fill_value: float | None, old_fill: str | None, old_fill_value: float | None,
-                     normalize: str, size, plot_path: Path, **options) -> None:
+                     normalize: str, size, plot_path: Path, definition: str = "onnxlrp", **options) -> None:
     """Pixel flipping: AUC of the explained class's score as the most relevant patches are flipped first, for
     each composite (and LRN rule), against gradient x input and a random order (lower AUC is better). The rule
     options apply to every composite evaluated."""
@@ -421,7 +426,8 @@ def evaluate_command(model: Path, inputs: tuple[Path, ...], composites, lrn_rule
     try:
         refuse_overwrite(plot_path, model_files(model) + expand_inputs(list(inputs)), "plot")
         results, failures = evaluate(model, list(inputs), list(composites), list(lrn_rules), steps, patch,
-                                     fill, fill_value, normalize, size, progress=sys.stderr.isatty(), **options)
+                                     fill, fill_value, normalize, size, progress=sys.stderr.isatty(),
+                                     definition=definition, **options)
         plot(results, plot_path, steps)
     except (OnnxlrpError, OSError) as exc:
         _fail(str(exc))

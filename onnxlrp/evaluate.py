@@ -88,6 +88,7 @@ class Method:
 class Curves:
     label: str
     curves: list[np.ndarray] = field(default_factory=list)
+    definition: str = "onnxlrp"  # or quantus-pixel-flipping / quantus-region-perturbation (quantus_definition.py)
 
     @property
     def mean(self) -> np.ndarray:
@@ -95,6 +96,9 @@ class Curves:
 
     @property
     def aucs(self) -> np.ndarray:
+        if self.definition != "onnxlrp":
+            from .quantus_definition import area_under_curve as quantus_auc
+            return np.array([quantus_auc(c) for c in self.curves])
         return np.array([area_under_curve(c) for c in self.curves])
 
 
@@ -111,14 +115,20 @@ def methods_for(composites: list[str], lrn_rules: list[str], model_has_lrn: bool
 
 def evaluate(model: Path, inputs: list[Path], composites: list[str], lrn_rules: list[str], steps: int = 16,
              patch: int = 4, fill: str = "mean", fill_value: float = 0.0, normalize: str = "unit",
-             size=None, seed: int = 0, progress: bool = False,
+             size=None, seed: int = 0, progress: bool = False, definition: str = "onnxlrp",
              **options) -> tuple[list[Curves], list[tuple[Path, str]]]:
     """Pixel-flipping curves per method (relative score: score after k steps / score before).
 
     fill: what flipped patches become, ``mean`` (each channel's mean), ``value`` (``fill_value``) or ``blur``.
-    options: rule options of the composites (epsilon, gamma, ...). progress: a progress bar on stderr."""
+    options: rule options of the composites (epsilon, gamma, ...). progress: a progress bar on stderr.
+    definition: ``onnxlrp`` (above) or Quantus 0.6's ``quantus-pixel-flipping`` (patch x patch features per
+    step) / ``quantus-region-perturbation`` (``steps`` tiles of patch x patch), see quantus_definition.py."""
     if steps < 1 or patch < 1:
         raise OnnxlrpError("--steps and --patch must be at least 1")
+    if definition not in DEFINITIONS:
+        raise OnnxlrpError(f"--definition must be one of {', '.join(DEFINITIONS)}, got {definition!r}")
+    if definition != "onnxlrp" and fill == "blur":
+        raise OnnxlrpError(f"--definition {definition}: --fill must be mean or value (Quantus has no blur fill)")
     make_baseline(np.zeros((1, 1, 1), np.float32), fill, fill_value, False)  # a bad --fill fails first
     from .compile import IR_VERSION
     from .load import read_model
@@ -146,13 +156,19 @@ def evaluate(model: Path, inputs: list[Path], composites: list[str], lrn_rules: 
     from tqdm import tqdm
     bar = tqdm(total=len(methods) * len(x), desc="pixel flipping", unit="input", file=sys.stderr, leave=False,
                disable=not progress)
+    maps = {}
     for method in methods:
-        curves = Curves(method.label)
+        curves = Curves(method.label, definition=definition)
         if method.composite is not None:
             compiled, _ = compile_cached(model, method.composite, **method.options)
             _, relevance = Explainer.from_compiled(compiled).explain({spec.name: x}, target=target)
             if isinstance(relevance, dict):
                 relevance = relevance[spec.name]
+        if definition != "onnxlrp":
+            maps[method.label] = None if method.composite is None else relevance
+            results.append(curves)
+            bar.update(len(x))
+            continue
         for i, sample in enumerate(x):
             if method.composite is None:
                 order = patch_order(np.zeros(spec.size), patch, rng)
@@ -167,7 +183,40 @@ def evaluate(model: Path, inputs: list[Path], composites: list[str], lrn_rules: 
             bar.update(1)
         results.append(curves)
     bar.close()
+    if definition != "onnxlrp":
+        quantus_curves(results, maps, x, target, spec.channels_last, lambda batch: forward.run(
+            [output], {spec.name: batch})[0].reshape(len(batch), -1), definition, patch, steps, fill, fill_value, rng)
     return results, failures
+
+
+DEFINITIONS = ("onnxlrp", "quantus-pixel-flipping", "quantus-region-perturbation")
+
+
+def quantus_curves(results: list[Curves], maps: dict, x: np.ndarray, target: np.ndarray, channels_last: bool,
+                   scores, definition: str, patch: int, steps: int, fill: str, fill_value: float,
+                   rng: np.random.Generator) -> None:
+    """Fill ``results`` with Quantus's curves: a_batch = the relevance summed over channels, [N, 1, H, W], all
+    maps normalised together by their largest magnitude (as one Quantus call per method does)."""
+    from . import quantus_definition as q
+    to_first = (lambda a: np.moveaxis(a, -1, 1)) if channels_last else (lambda a: a)
+    predict = (lambda b: scores(np.ascontiguousarray(np.moveaxis(b, 1, -1)))) if channels_last else scores
+    x_first = np.ascontiguousarray(to_first(x))
+    for curves in results:
+        relevance = maps[curves.label]
+        if relevance is None:  # random
+            a = None
+        elif relevance.ndim == x.ndim:
+            a = to_first(relevance).sum(axis=1, keepdims=True)
+        else:  # [N, H, W]
+            a = relevance[:, None]
+        if definition == "quantus-pixel-flipping":
+            a = rng.random((len(x), 1, *x_first.shape[2:])) if a is None else q.normalise_by_max(a)
+            values = q.pixel_flipping(predict, x_first, a, target, patch * patch, fill, fill_value)
+        else:
+            values = q.region_perturbation(predict, x_first, np.zeros((len(x), 1, *x_first.shape[2:])) if a is None
+                                           else q.normalise_by_max(a), target, patch, steps, fill, fill_value,
+                                           rng if a is None else None)
+        curves.curves = list(values)
 
 
 def report(results: list[Curves]) -> str:
@@ -179,6 +228,13 @@ def report(results: list[Curves]) -> str:
     widths = [max(len(row[c]) for row in rows) for c in range(4)]
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    definition = results[0].definition if results else "onnxlrp"
+    if definition != "onnxlrp":
+        what = "raw score of the explained class, features flipped most relevant first; lower AUC = more faithful" \
+            if definition == "quantus-pixel-flipping" else \
+            "drop of the explained class's score, tiles flipped most relevant first; higher AUC = more faithful"
+        return "\n".join(lines) + f"\n(Quantus 0.6's {definition.removeprefix('quantus-')}: {what}; AUC = " \
+                                  "trapezoids of width 1 over the steps)"
     return "\n".join(lines) + "\n(relative score of the explained class after flipping the most relevant patches " \
                               "first; lower AUC = more faithful)"
 
@@ -202,13 +258,15 @@ def figure(results: list[Curves], steps: int):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 4), dpi=100)
-    fractions = np.linspace(0, 1, steps + 1)
     for r in results:
+        fractions = np.linspace(0, 1, steps + 1) if r.definition == "onnxlrp" else np.arange(1, len(r.mean) + 1)
         ax.plot(fractions, r.mean, label=f"{r.label} (AUC {r.aucs.mean():.3f})",
                 linestyle="--" if r.label == "random" else "-")
-    ax.set_xlabel("fraction of patches flipped (most relevant first)")
-    ax.set_ylabel("relative score of the explained class")
-    ax.set_title("pixel flipping")
+    definition = results[0].definition if results else "onnxlrp"
+    ax.set_xlabel("fraction of patches flipped (most relevant first)" if definition == "onnxlrp" else "step")
+    ax.set_ylabel("relative score of the explained class" if definition == "onnxlrp" else
+                  "score drop" if definition == "quantus-region-perturbation" else "score of the explained class")
+    ax.set_title("pixel flipping" if definition == "onnxlrp" else f"Quantus {definition.removeprefix('quantus-')}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # beside the curves
     fig.tight_layout()
     return fig

@@ -280,7 +280,8 @@ def explain_command(model: Path, inputs: tuple[Path, ...], outdir: Path, targets
                        color, options)
         return
     if not inputs:
-        _fail("give inputs to explain (images, .npy arrays, folders) or --text with --tokenizer")
+        raise click.UsageError("Missing argument 'INPUTS...': give images, .npy arrays or folders to explain, or "
+                               "--text with --tokenizer")
     to_stdout = json_path == "-"
     log = (lambda m: click.echo(m, err=True)) if to_stdout else _echo
     ctx = click.get_current_context()

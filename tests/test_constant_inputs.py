@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxlrp
 from onnxlrp import compile_model
 from onnxlrp.cli import main
-from onnxlrp.errors import OnnxlrpError, UnsupportedError
+from onnxlrp.errors import OnnxlrpError
 
 RNG = np.random.RandomState(0)
 MEAN, VARIANCE = RNG.randn(4).astype(np.float32), RNG.uniform(0.5, 2.0, 4).astype(np.float32)
@@ -72,11 +72,12 @@ def test_initializer_backed_inputs_are_parameters(tmp_path):
 
 
 def test_marked_constant_inputs(tmp_path):
-    """Without defaults, mean and variance are plain inputs: unmarked, Sub of two 'activations' has no rule;
-    marked with constant_inputs they get no relevance (and stay inputs the caller feeds)."""
+    """Without defaults, mean and variance are plain inputs: unmarked, they are treated as data and get relevance
+    outputs of their own (the difference x - mean splits relevance between them); marked with constant_inputs they
+    get none (and stay inputs the caller feeds)."""
     model = keras_like(defaults=False)
-    with pytest.raises(UnsupportedError, match="normalization/sub"):
-        compile_model(model, "epsilon")
+    unmarked = compile_model(model, "epsilon")
+    assert {"mean_relevance", "variance_relevance"} <= {o.name for o in unmarked.graph.output}
     compiled = compile_model(model, "epsilon", epsilon=0.0, constant_inputs=["mean", "variance"])
     assert [o.name for o in compiled.graph.output] == ["output_0", "x_relevance"]
     assert {"x", "mean", "variance"} <= {i.name for i in compiled.graph.input}

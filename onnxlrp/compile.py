@@ -70,6 +70,7 @@ class _Builder:
     functions: set[str] = field(default_factory=set)
     totals: dict[str, str] = field(default_factory=dict)  # see _sample_total
     target_input: str = TARGET_INPUT  # the compiled model's interface names, unique in the graph (see _reserve)
+    batch_ref: str = ""  # a tensor whose leading axis is the batch (the explained output), for per-sample sums
     relevance_outputs: dict[str, str] = field(default_factory=dict)  # float input -> its relevance output
     output_roles: dict[str, list[str]] = field(default_factory=dict)  # layer/bias output -> [node, kind]
 
@@ -389,7 +390,7 @@ def _sample_total(builder: _Builder, tensors: list[str], name: str, at: list[str
         if at is not None:
             tensors = [builder.call("gradient_times_input", [x, g], f"{g}__times_input")[0]
                        for x, g in zip(at, tensors)]
-        parts = [builder.call("sample_sum", [t], f"{t}__sum")[0] for t in tensors]
+        parts = [builder.call("sample_sum", [t, builder.batch_ref], f"{t}__sum")[0] for t in tensors]
         builder.totals[name] = builder.total(parts, name)
     return builder.totals[name]
 
@@ -425,6 +426,7 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
     start = "start_relevance" if chosen.signal == "relevance" else "start_gradient"
     (seed,) = builder.call(f"{start}_mask" if target_mask else start, [explained, builder.target_input],
                            f"{explained}__R")
+    builder.batch_ref = explained
     contributions: dict[str, list[str]] = {explained: [seed]}
     records: list[RuleRecord] = []
     unsupported: list[tuple[str, str, str]] = []

@@ -106,3 +106,21 @@ def test_quantus_definition_refuses_blur():
     from onnxlrp.errors import OnnxlrpError
     with pytest.raises(OnnxlrpError, match="Quantus has no blur fill"):
         evaluate(MODEL, SAMPLES[:1], ["epsilon"], ["identity"], fill="blur", definition="quantus-region-perturbation")
+
+
+def test_cli_definition(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "ONNXLRP_CACHE_DIR": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
+    command = [sys.executable, "-m", "onnxlrp.cli", "evaluate", str(MODEL), *map(str, SAMPLES[:2]), "--composite",
+               "epsilon", "--lrn-rule", "identity", "--definition", "quantus-region-perturbation", "-o",
+               str(tmp_path / "curves.png")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "region-perturbation" in done.stdout and "higher AUC = more faithful" in done.stdout
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    done = subprocess.run(command[:-2] + ["--fill", "blur", "-o", str(tmp_path / "blur.png")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 2 and not (tmp_path / "blur.png").exists()
+    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("onnxlrp: error: ")

@@ -389,9 +389,10 @@ def analyze_command(relevance: Path, klass: int | None, outdir: Path, clusters: 
 @click.option("--steps", type=click.IntRange(min=1), default=16, show_default=True,
               help="Points on the curve after the start.")
 @click.option("--patch", type=click.IntRange(min=1), default=4, show_default=True, help="Patch size in pixels.")
-@click.option("--fill", type=click.Choice(["mean", "value", "blur"]), default=None,
+@click.option("--fill", type=click.Choice(["mean", "value", "blur", "black", "white"]), default=None,
               help="What flipped patches become: mean (each channel's mean), value (--fill-value) or blur (a 7x7 "
-                   "box blur)  [default: mean]")
+                   "box blur); with --definition quantus-*: Quantus's mean, value, black (min) or white (max) "
+                   "[default: mean]")
 @click.option("--fill-value", type=float, default=None, help="The constant for --fill value  [default: 0]")
 @click.option("--definition", type=click.Choice(["onnxlrp", "quantus-pixel-flipping", "quantus-region-perturbation"]),
               default="onnxlrp", show_default=True,

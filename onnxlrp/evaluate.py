@@ -127,9 +127,11 @@ def evaluate(model: Path, inputs: list[Path], composites: list[str], lrn_rules: 
         raise OnnxlrpError("--steps and --patch must be at least 1")
     if definition not in DEFINITIONS:
         raise OnnxlrpError(f"--definition must be one of {', '.join(DEFINITIONS)}, got {definition!r}")
-    if definition != "onnxlrp" and fill == "blur":
-        raise OnnxlrpError(f"--definition {definition}: --fill must be mean or value (Quantus has no blur fill)")
-    make_baseline(np.zeros((1, 1, 1), np.float32), fill, fill_value, False)  # a bad --fill fails first
+    if definition != "onnxlrp" and fill not in ("mean", "value", "black", "white"):
+        raise OnnxlrpError(f"--definition {definition}: --fill must be mean, value, black or white (Quantus has no "
+                           f"{fill} fill)")
+    if definition == "onnxlrp":
+        make_baseline(np.zeros((1, 1, 1), np.float32), fill, fill_value, False)  # a bad --fill fails first
     from .compile import IR_VERSION
     from .load import read_model
     proto = read_model(model)  # regular files only, external data and tensors checked, one-line errors

@@ -12,7 +12,8 @@ re-implemented step for step so that the curves equal ``quantus.PixelFlipping`` 
   ``score(x) - score(perturbed)`` (region perturbation; *higher* AUC = better), not divided by ``score(x)``;
 - AUC: ``np.trapz(curve, dx=1)`` (trapezoids of width 1: grows with the number of steps), not the mean over [0, 1];
 - fill ``mean``: the mean over all channels and pixels of the *current, already perturbed* image (it drifts as
-  patches are flipped), ``value``: a constant; Quantus has no blur fill.
+  patches are flipped), ``black`` / ``white`` (Quantus's default / its other choice): its min / max, ``value``: a
+  constant; Quantus has no blur fill.
 """
 from __future__ import annotations
 
@@ -37,10 +38,13 @@ def replace(arr: np.ndarray, indices: np.ndarray, fill: str, fill_value: float) 
     """[N, F] arr with arr[n, indices[n]] set to the fill (Quantus's batch_baseline_replacement_by_indices)."""
     if fill == "mean":
         value = np.full(indices.shape, arr.mean(axis=1)[:, None])
+    elif fill in ("black", "white"):  # Quantus's names for the current image's min / max
+        value = np.full(indices.shape, (arr.min(axis=1) if fill == "black" else arr.max(axis=1))[:, None])
     elif fill == "value":
         value = np.full(indices.shape, fill_value)
     else:
-        raise OnnxlrpError(f"--definition quantus-*: --fill must be mean or value (Quantus has no {fill!r} fill)")
+        raise OnnxlrpError(f"--definition quantus-*: --fill must be mean, value, black or white (Quantus has no "
+                           f"{fill!r} fill)")
     out = arr.copy()
     out[np.arange(arr.shape[0])[:, None], indices] = value
     return out

@@ -62,7 +62,8 @@ def _quantus(metric, digits, a):
 
 CASES = [("quantus-pixel-flipping", 4, 16, "mean", 0.0), ("quantus-pixel-flipping", 8, 16, "value", 0.25),
          ("quantus-region-perturbation", 4, 16, "mean", 0.0), ("quantus-region-perturbation", 5, 30, "value", 0.0),
-         ("quantus-region-perturbation", 3, 50, "mean", 0.0)]
+         ("quantus-region-perturbation", 3, 50, "mean", 0.0), ("quantus-pixel-flipping", 1, 16, "black", 0.0),
+         ("quantus-region-perturbation", 8, 100, "white", 0.0)]
 
 
 @pytest.mark.parametrize("definition, patch, steps, fill, value", CASES)
@@ -72,7 +73,7 @@ def test_evaluate_equals_quantus(digits, monkeypatch, definition, patch, steps, 
                                  fill=fill, fill_value=value, definition=definition)
     assert not failures
     ours = {r.label: r for r in results}
-    baseline = "mean" if fill == "mean" else float(value)
+    baseline = float(value) if fill == "value" else fill
     for label, relevance in digits[2].items():
         if definition == "quantus-pixel-flipping":
             metric = quantus.PixelFlipping(features_in_step=patch * patch, perturb_baseline=baseline,
@@ -82,7 +83,8 @@ def test_evaluate_equals_quantus(digits, monkeypatch, definition, patch, steps, 
                                                 perturb_baseline=baseline, disable_warnings=True,
                                                 display_progressbar=False)
         curves = _quantus(metric, digits, relevance)
-        expected_steps = 1024 // (patch * patch) if definition == "quantus-pixel-flipping" else steps
+        expected_steps = 1024 // (patch * patch) if definition == "quantus-pixel-flipping" else \
+            min(steps, (-(-32 // patch)) ** 2)
         assert curves.shape == (len(SAMPLES), expected_steps)
         assert np.ptp(curves) > 1.0  # the curves move: flipping changes the score
         np.testing.assert_allclose(np.array(ours[label].curves), curves, rtol=0, atol=1e-6, err_msg=label)
@@ -106,3 +108,23 @@ def test_quantus_definition_refuses_blur():
     from onnxlrp.errors import OnnxlrpError
     with pytest.raises(OnnxlrpError, match="Quantus has no blur fill"):
         evaluate(MODEL, SAMPLES[:1], ["epsilon"], ["identity"], fill="blur", definition="quantus-region-perturbation")
+    with pytest.raises(OnnxlrpError, match="--fill must be value, mean or blur"):
+        evaluate(MODEL, SAMPLES[:1], ["epsilon"], ["identity"], fill="black", definition="onnxlrp")
+
+
+def test_cli_definition(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "ONNXLRP_CACHE_DIR": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
+    command = [sys.executable, "-m", "onnxlrp.cli", "evaluate", str(MODEL), *map(str, SAMPLES[:2]), "--composite",
+               "epsilon", "--lrn-rule", "identity", "--definition", "quantus-region-perturbation", "-o",
+               str(tmp_path / "curves.png")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "region-perturbation" in done.stdout and "higher AUC = more faithful" in done.stdout
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    done = subprocess.run(command[:-2] + ["--fill", "blur", "-o", str(tmp_path / "blur.png")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 2 and not (tmp_path / "blur.png").exists()
+    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("onnxlrp: error: ")

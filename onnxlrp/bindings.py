@@ -673,6 +673,9 @@ PORTABLE_VARIANTS: dict[str, set[str | None]] = {
     "conv": {"conv", "convs1", "convgrouped", "convdyn", "convflat"},
     "add": {None, "complement"},
     "maxpool": {None},
+    "concat": {None, "runtime"},  # Slice / Pad with sizes read at run time (Shape): standard ops everywhere
+    "pad": {None, "runtime"},
+    "gelu": {None, "tanh"},
 }
 
 

@@ -191,7 +191,8 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str | N
     if not portable:  # portable: the baseline is a constant (ORT warns about initializers listed as inputs)
         compiled.graph.input.extend(plan.baseline_inputs)
     compiled.graph.initializer.extend(plan.baseline_defaults)
-    set_target_inputs(compiled.graph, plan.view, plan.explained_output, plan.target_mask, plan.builder.target_input)
+    set_target_inputs(compiled.graph, plan.view, plan.explained_output, plan.target_mask,
+                      plan.builder.target_input, portable)
     compiled.metadata_props.add(key="onnxlrp.explained_output", value=plan.explained_output)
     compiled.metadata_props.add(key="onnxlrp.warnings", value=json.dumps(plan.warnings))
     warn(plan.warnings, plan.source)

@@ -43,6 +43,14 @@ def _pre_activation(view: GraphView, tensor: str) -> str:
     return tensor
 
 
+def _single_score(view: GraphView, output: str) -> bool:
+    """Whether the output holds one score per sample (a regression): static non-batch dimensions of product 1."""
+    vi = next((o for o in view.model.graph.output if o.name == output), None)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim] if vi else []
+    rest = dims[1:]
+    return all(d is not None for d in rest) and int(np.prod(rest)) == 1 if dims else False
+
+
 IMAGE_COMPOSITE, TABULAR_COMPOSITE = "epsilon_plus_flat", "epsilon_plus"
 
 
@@ -60,12 +68,16 @@ def default_composite(view: GraphView) -> tuple[str, str]:
 
 
 def set_target_inputs(graph: onnx.GraphProto, view: GraphView, explained_output: str, mask: bool,
-                      name: str = TARGET_INPUT) -> None:
-    """``target`` (the compiled model's name for it: ``name``) gets a default of [-1] (the top class; its own batch
-    dimension, so [1] or [N] both fit), or is replaced by ``target_mask`` (``name``): the explained output's type
-    and shape (unknown dimensions named)."""
+                      name: str = TARGET_INPUT, portable: bool = False) -> None:
+    """For a regression output (one score per sample) ``target`` (the compiled model's name for it: ``name``)
+    gets a default of [-1] (its own batch dimension, so [1] or [N] both fit; not in the portable form), so callers
+    may leave it out; or ``target`` is replaced by ``target_mask`` (``name``): the explained output's type and
+    shape (unknown dimensions named)."""
     index = next(k for k, vi in enumerate(graph.input) if vi.name == name)
     if not mask:
+        if not _single_score(view, explained_output) or portable:
+            return  # a classifier's caller says which class; an initializer that is also an input makes ONNX
+            #         Runtime warn on load, which the portable form must not
         graph.input[index].type.tensor_type.shape.dim[0].Clear()
         graph.input[index].type.tensor_type.shape.dim[0].dim_param = "target_batch"
         graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), name))

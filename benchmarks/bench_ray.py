@@ -37,7 +37,7 @@ def main() -> None:
     rows = [("single process (Explainer, all cores)", n / (time.perf_counter() - start))]
     ray.init(include_dashboard=False, log_to_driver=False)
     for workers in (1, 2):
-        dataset = ray.data.from_numpy(x).map_batches(
+        dataset = ray.data.from_numpy(np.array_split(x, 16)).map_batches(  # 16 blocks
             lambda batch: {"id": np.arange(len(batch["data"])).astype(str), "input": batch["data"]},
             batch_format="numpy")
         with tempfile.TemporaryDirectory() as folder:

@@ -43,7 +43,10 @@ def _explain(estimator, **options):
     original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     session = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return compiled, original.run(None, {"X": SAMPLE}), dict(zip(names, session.run(None, {"X": SAMPLE})))
+    feeds = {"X": SAMPLE}
+    if any(i.name == "target" for i in session.get_inputs()):  # classifiers: the top class (regressions default)
+        feeds["target"] = np.full(len(SAMPLE), -1, np.int64)
+    return compiled, original.run(None, {"X": SAMPLE}), dict(zip(names, session.run(None, feeds)))
 
 
 def _meta(compiled) -> dict:
@@ -158,7 +161,7 @@ def test_imputer_pipeline_routes_relevance_to_present_features():
     sample = SAMPLE.copy()
     sample[0, 1] = sample[3, 4] = np.nan
     session = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
-    relevance = session.run(["X_relevance"], {"X": sample})[0]
+    relevance = session.run(["X_relevance"], {"X": sample, "target": np.full(len(sample), -1, np.int64)})[0]
     filled = estimator[0].transform(sample).astype(np.float64)
     head = estimator[-1]
     expected = _lrp0_dense(filled, [(head.coef_.T.astype(np.float64), head.intercept_.astype(np.float64))])

@@ -145,3 +145,26 @@ def trailing_axis(g: GraphView, tensor: str, axes: list[int] | None) -> int | No
     if normal != list(range(normal[0], rank)):
         return None
     return normal[0] - rank
+
+
+def root_mean_square(g, name: str, absorbed: list[int]) -> tuple[str, list[int], float] | None:
+    """(d, axes, eps) if ``name`` = Sqrt(Add(ReduceMean(d*d, axes), eps)) (d squared by Pow(d, 2) or Mul(d, d));
+    its four nodes are added to ``absorbed``. Shared by the LayerNorm and RMSNorm recognisers."""
+    sqrt = producer(g, name, "Sqrt")
+    add = producer(g, g.nodes[sqrt].input[0], "Add") if sqrt is not None else None
+    if add is None:
+        return None
+    a = g.nodes[add]
+    for v, e in ((a.input[0], a.input[1]), (a.input[1], a.input[0])):
+        eps, mean = scalar(g, e), producer(g, v, "ReduceMean")
+        if eps is None or mean is None:
+            continue
+        square = producer(g, g.nodes[mean].input[0], {"Pow", "Mul"})
+        if square is None:
+            continue
+        sq = g.nodes[square]
+        if (sq.op_type == "Pow" and scalar(g, sq.input[1]) == 2.0) or (
+                sq.op_type == "Mul" and sq.input[0] == sq.input[1]):
+            absorbed += [sqrt, add, mean, square]
+            return sq.input[0], reduce_axes(g, g.nodes[mean]), eps
+    return None

@@ -10,31 +10,9 @@ from __future__ import annotations
 
 from onnx import helper
 
-from . import PATTERN_DOMAIN, Match, producer, reduce_axes, scalar, trailing_axis
+from . import PATTERN_DOMAIN, Match, producer, reduce_axes, root_mean_square, trailing_axis
 
 LABEL = "layer norm"
-
-
-def _std(g, name: str, absorbed: list[int]) -> tuple[str, list[int], float] | None:
-    """(d, axes, eps) if ``name`` = Sqrt(Add(ReduceMean(d*d, axes), eps))."""
-    sqrt = producer(g, name, "Sqrt")
-    add = producer(g, g.nodes[sqrt].input[0], "Add") if sqrt is not None else None
-    if add is None:
-        return None
-    a = g.nodes[add]
-    for v, e in ((a.input[0], a.input[1]), (a.input[1], a.input[0])):
-        eps, mean = scalar(g, e), producer(g, v, "ReduceMean")
-        if eps is None or mean is None:
-            continue
-        square = producer(g, g.nodes[mean].input[0], {"Pow", "Mul"})
-        if square is None:
-            continue
-        sq = g.nodes[square]
-        if (sq.op_type == "Pow" and scalar(g, sq.input[1]) == 2.0) or (
-                sq.op_type == "Mul" and sq.input[0] == sq.input[1]):
-            absorbed += [sqrt, add, mean, square]
-            return sq.input[0], reduce_axes(g, g.nodes[mean]), eps
-    return None
 
 
 def match(g, index: int) -> Match | None:
@@ -51,7 +29,7 @@ def match(g, index: int) -> Match | None:
                 continue
             absorbed.append(rec)
             s = g.nodes[rec].input[0]
-        found = _std(g, s, absorbed)
+        found = root_mean_square(g, s, absorbed)
         sub = producer(g, d, "Sub")
         if found is None or found[0] != d or sub is None:
             continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from onnx import helper
 
-from . import PATTERN_DOMAIN, Match, producer, reduce_axes, scalar, trailing_axis
+from . import PATTERN_DOMAIN, Match, producer, root_mean_square, scalar, trailing_axis
 
 LABEL = "RMS norm"
 
@@ -22,24 +22,10 @@ def _inverse_rms(g, name: str, absorbed: list[int]) -> tuple[str, list[int], flo
     node = g.nodes[index]
     if node.op_type == "Div" and scalar(g, node.input[0]) != 1.0:
         return None
-    sqrt = producer(g, node.input[-1], "Sqrt")
-    add = producer(g, g.nodes[sqrt].input[0], "Add") if sqrt is not None else None
-    if add is None:
-        return None
-    a = g.nodes[add]
-    for v, e in ((a.input[0], a.input[1]), (a.input[1], a.input[0])):
-        eps, mean = scalar(g, e), producer(g, v, "ReduceMean")
-        if eps is None or mean is None:
-            continue
-        square = producer(g, g.nodes[mean].input[0], {"Pow", "Mul"})
-        if square is None:
-            continue
-        sq = g.nodes[square]
-        if (sq.op_type == "Pow" and scalar(g, sq.input[1]) == 2.0) or (
-                sq.op_type == "Mul" and sq.input[0] == sq.input[1]):
-            absorbed += [index, sqrt, add, mean, square]
-            return sq.input[0], reduce_axes(g, g.nodes[mean]), eps
-    return None
+    found = root_mean_square(g, node.input[-1], absorbed)
+    if found is not None:
+        absorbed.append(index)
+    return found
 
 
 def match(g, index: int) -> Match | None:

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,26 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_explain import best_of_rounds, median_time  # benchmarks/ is on sys.path when this script runs
+
 LAYERS, HIDDEN, HEADS, VOCAB = 12, 768, 12, 30522
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def best_of_rounds(fns: dict, repeats: int, rounds: int) -> dict:
-    """name -> the lowest of ``rounds`` medians, the named functions taking turns round by round."""
-    medians: dict = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            medians[name].append(median_time(fn, repeats))
-    return {name: min(values) for name, values in medians.items()}
 
 
 def build():

@@ -381,7 +381,7 @@ def analyze_command(relevance: Path, klass: int | None, outdir: Path, clusters: 
 
 @main.command("evaluate")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--composite", "composites", multiple=True, default=["epsilon_plus_flat"], show_default=True,
               help="Composite to evaluate (repeat for several).")
 @click.option("--lrn-rule", "lrn_rules", multiple=True, default=["identity", "taylor"], show_default=True,
@@ -408,13 +408,33 @@ def analyze_command(relevance: Path, klass: int | None, outdir: Path, clusters: 
               help="Input height and width when dynamic.")
 @click.option("-o", "--plot", "plot_path", type=click.Path(path_type=Path), default=Path("pixel_flipping.png"),
               show_default=True, help="Where to write the plot of the curves.")
+@click.option("--text", "texts", multiple=True,
+              help="Text models: a text to evaluate by token deletion (repeatable; INPUTS are then text files, one "
+                   "text per line); needs --tokenizer.")
+@click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Hugging Face tokenizer.json: evaluate a text model by token deletion instead of pixel flipping "
+                   "[composites default: epsilon_plus_flat, attnlrp, cplrp].")
+@click.option("--deletion", type=click.Choice(["unk", "mask", "pad", "attention"]), default="unk",
+              show_default=True, help="Text models: a deleted token's id becomes the tokenizer's unknown token, mask "
+                                      "token or padding id (attention mask kept), or its attention mask becomes 0.")
+@click.option("--score", type=click.Choice(["raw", "relative", "probability"]), default="raw", show_default=True,
+              help="Text models: the curve's score of the explained class: raw (e.g. the logit), relative to the "
+                   "undeleted text's, or softmax probability.")
 @float_rule_options
 def evaluate_command(model: Path, inputs: tuple[Path, ...], composites, lrn_rules, steps: int, patch: int,
                      fill: str | None, fill_value: float | None, old_fill: str | None, old_fill_value: float | None,
                      normalize: str, size, plot_path: Path, definition: str = "onnxlrp", **options) -> None:
     """Pixel flipping: AUC of the explained class's score as the most relevant patches are flipped first, for
     each composite (and LRN rule), against gradient x input and a random order (lower AUC is better). The rule
-    options apply to every composite evaluated."""
+    options apply to every composite evaluated. With --tokenizer (and --text or text files): token deletion for a
+    text model instead."""
+    text_options = {k: options.pop(k) for k in ("texts", "tokenizer", "deletion", "score")}
+    if text_options["texts"] or text_options["tokenizer"]:
+        _evaluate_texts(model, inputs, list(composites), steps, plot_path, text_options, options)
+        return
+    if not inputs:
+        raise click.UsageError("Missing argument 'INPUTS...': give images, .npy arrays or folders, or --tokenizer "
+                               "with --text or text files for a text model")
     from .evaluate import evaluate, plot, report
     from .inputs import expand_inputs
     from .load import model_files
@@ -438,6 +458,44 @@ def evaluate_command(model: Path, inputs: tuple[Path, ...], composites, lrn_rule
     for _, message in failures:
         _error(message)
     if failures:
+        sys.exit(1)
+
+
+def _evaluate_texts(model: Path, inputs: tuple[Path, ...], composites: list[str], steps: int, plot_path: Path,
+                    text_options: dict, options: dict) -> None:
+    """evaluate --tokenizer: token deletion (onnxlrp/token_deletion.py) on --text and text files."""
+    from .load import model_files
+    from .save import refuse_overwrite
+    from .token_deletion import TEXT_COMPOSITES, evaluate_texts, plot, read_texts, report
+    ctx = click.get_current_context()
+    default = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT  # noqa: E731
+    image_only = [flag for name, flag in (("lrn_rules", "--lrn-rule"), ("patch", "--patch"), ("fill", "--fill"),
+                                          ("fill_value", "--fill-value"), ("definition", "--definition"),
+                                          ("old_fill", "--baseline"), ("old_fill_value", "--baseline-value"),
+                                          ("normalize", "--normalize"), ("size", "--size"))
+                  if name in ctx.params and not default(name)]
+    if image_only:
+        _fail(f"evaluate --tokenizer (text models): {image_only[0]} applies to images only")
+    if text_options["tokenizer"] is None:
+        _fail("evaluate --text needs --tokenizer tokenizer.json")
+    if default("composites"):
+        composites = list(TEXT_COMPOSITES)
+    if default("plot_path"):
+        plot_path = Path("token_deletion.png")
+    try:
+        refuse_overwrite(plot_path, model_files(model) + list(inputs) + [text_options["tokenizer"]], "plot")
+        texts = list(text_options["texts"]) + read_texts(list(inputs))
+        results, skipped = evaluate_texts(model, texts, text_options["tokenizer"], composites, steps,
+                                          text_options["deletion"], text_options["score"],
+                                          progress=sys.stderr.isatty(), **options)
+        plot(results, plot_path, steps, text_options["score"])
+    except (OnnxlrpError, OSError) as exc:
+        _fail(str(exc))
+    click.echo(report(results, text_options["deletion"], text_options["score"]))
+    click.echo(f"plot: {plot_path}")
+    for text, why in skipped:
+        _error(f"text {text!r}: {why}")
+    if skipped:
         sys.exit(1)
 
 

@@ -52,9 +52,11 @@ def main() -> None:
             print(report(results, deletion))
             by = {r.label: r for r in results}
             for a, b in (("attnlrp", "gradient x input"), ("attnlrp", "cplrp"), ("attnlrp", "epsilon_plus_flat")):
-                diff = by[a].morf_aucs - by[b].morf_aucs
-                print(f"paired MoRF AUC {a} - {b}: {diff.mean():+.4f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.4f}"
-                      f" (lower on {int((diff < 0).sum())}, equal on {int((diff == 0).sum())} of {len(diff)})")
+                for what in ("morf_aucs", "abpc"):
+                    diff = getattr(by[a], what) - getattr(by[b], what)
+                    print(f"paired {'MoRF AUC' if what == 'morf_aucs' else 'ABPC'} {a} - {b}: {diff.mean():+.4f} ± "
+                          f"{diff.std(ddof=1) / np.sqrt(len(diff)):.4f} (lower on {int((diff < 0).sum())}, equal on "
+                          f"{int((diff == 0).sum())} of {len(diff)})")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,12 @@ CPU = ["CPUExecutionProvider"]
 WEIGHTS = {"[CLS]": 1.0, "[SEP]": 0.5, "the": 0.25, "movie": 1.0, "was": -0.5, "great": 2.0}
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONNXLRP_CACHE_DIR", str(tmp_path / "cache"))
+@pytest.fixture(autouse=True, scope="module")
+def cache(tmp_path_factory):
+    """One compiled-model cache for the module's tests (each composite of the tiny BERT is compiled once)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ONNXLRP_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 def bag_of_words(path: Path, length: int = 6) -> Path:

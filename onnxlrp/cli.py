@@ -413,7 +413,7 @@ def analyze_command(relevance: Path, klass: int | None, outdir: Path, clusters: 
                    "text per line); needs --tokenizer.")
 @click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Hugging Face tokenizer.json: evaluate a text model by token deletion instead of pixel flipping "
-                   "[composites default: epsilon_plus_flat, attnlrp, cplrp].")
+                   "[composites default: epsilon_plus_flat, attnlrp, cplrp; plot default: token_deletion.png].")
 @click.option("--deletion", type=click.Choice(["unk", "mask", "pad", "attention"]), default="unk",
               show_default=True, help="Text models: a deleted token's id becomes the tokenizer's unknown token, mask "
                                       "token or padding id (attention mask kept), or its attention mask becomes 0.")

@@ -204,6 +204,8 @@ def evaluate_texts(model: Path, texts: list[str], tokenizer_path: Path, composit
     forward = make_session(proto)
     output = proto.graph.output[0].name
     scores = forward.run([output], batch.feeds)[0].reshape(len(texts), -1)
+    if score == "probability" and scores.shape[1] < 2:
+        raise OnnxlrpError(f"{model}: --score probability needs two or more classes; output {output!r} has one score")
     target = scores.argmax(1)
     keep = [k for k in range(len(texts)) if batch.deletable[k].any()]
     skipped = [(texts[k], "no token to delete (only special tokens)") for k in range(len(texts)) if k not in keep]

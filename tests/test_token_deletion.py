@@ -242,6 +242,8 @@ def test_bad_inputs_exit_2_with_one_line(words, tmp_path):
         ([str(model), str(binary), "--tokenizer", str(tokenizer)], "binary.txt: not a UTF-8 text file"),
         ([str(model), "--text", "a film", "--tokenizer", str(tokenizer), "--patch", "2"], "--patch applies to images"),
         ([str(model), "--tokenizer", str(tokenizer)], "no texts to evaluate"),
+        ([str(model), "--text", "a film", "--tokenizer", str(tokenizer), "--score", "probability"],
+         "--score probability needs two or more classes"),
     ]
     for args, message in cases:
         result = CliRunner().invoke(main, ["evaluate", *args, "-o", str(tmp_path / "plot.png")])

@@ -114,7 +114,10 @@ def heatmap(relevance: np.ndarray, channels_last: bool) -> np.ndarray:
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation of two maps (nan when one is constant, e.g. all zero)."""
-    from scipy.stats import spearmanr
+    try:
+        from scipy.stats import spearmanr
+    except ImportError:
+        raise OnnxlrpError("the sanity check needs scipy (pip install 'onnxlrp[sanity]')") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(spearmanr(a.reshape(-1), b.reshape(-1))[0])
@@ -128,7 +131,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     try:
         from skimage.metrics import structural_similarity
     except ImportError:
-        raise OnnxlrpError("the SSIM of the sanity check needs scikit-image (pip install scikit-image)") from None
+        raise OnnxlrpError("the sanity check's SSIM needs scikit-image (pip install 'onnxlrp[sanity]')") from None
     unit = [np.abs(m) / np.abs(m).max() if np.abs(m).max() > 0 else np.zeros_like(m, dtype=np.float64)
             for m in (a.astype(np.float64), b.astype(np.float64))]
     window = min(7, min(a.shape) - (1 - min(a.shape) % 2))
@@ -193,6 +196,7 @@ def sanity(model, inputs: list[Path], composites: list[str], mode: str = "cascad
     from .load import read_model
     if mode not in MODES:
         raise OnnxlrpError(f"--mode must be cascade or independent, got {mode!r}")
+    spearman(np.arange(3.0), np.arange(3.0)), ssim(np.ones((3, 3)), np.ones((3, 3)))  # scipy, skimage: fail first
     proto = read_model(model)
     proto.ir_version = min(proto.ir_version, IR_VERSION)  # onnx >= 1.20 writes IR versions ORT refuses
     layers = parameter_layers(proto)

@@ -33,8 +33,8 @@ def figure(result: SanityResult, show: int = 3):
     labels = result.step_labels
     images = min(show, len(result.images)) if result.methods[0].maps[0].ndim == 3 else 0
     rows, cols = images * len(result.methods), len(labels) + 1
-    fig = plt.figure(figsize=(max(8.0, 1.3 * cols), 1.3 * rows + 3.6), dpi=100)
-    grid = fig.add_gridspec(rows + 1, cols, height_ratios=[1.0] * rows + [2.6], hspace=0.35, wspace=0.05)
+    fig = plt.figure(figsize=(max(8.0, 1.25 * cols), 1.15 * rows + 3.6), dpi=90)
+    grid = fig.add_gridspec(rows + 1, cols, height_ratios=[1.0] * rows + [2.6], hspace=0.12, wspace=0.05)
     for m, method in enumerate(result.methods):
         for i in range(images):
             r = m * images + i

@@ -473,7 +473,8 @@ def sanity_command(model: Path, inputs: tuple[Path, ...], composites, mode: str,
     try:
         refuse_overwrite(figure_path, model_files(model) + expand_inputs(list(inputs)), "figure")
         check_format(figure_path)
-        result = sanity(model, list(inputs), list(composites), mode, seed, normalize, size, **options)
+        result = sanity(model, list(inputs), list(composites), mode, seed, normalize, size,
+                        progress=sys.stderr.isatty(), **options)
         plot(result, figure_path, show)
     except (OnnxlrpError, OSError) as exc:
         _fail(str(exc))

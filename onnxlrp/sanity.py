@@ -11,6 +11,7 @@ Spearman rank correlation of |R| and of R, and SSIM (Wang et al. 2004, skimage's
 |R| / max |R| with data range 1."""
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +39,12 @@ class Layer:
 
     @property
     def label(self) -> str:
-        """A short name: the weight's name without a ``.weight`` / ``_weight`` suffix (torch's module name)."""
-        for suffix in (".weight", "_weight", "/weight"):
-            if self.weight.endswith(suffix) and len(self.weight) > len(suffix):
-                return self.weight[: -len(suffix)]
+        """A short name: the weight's (else the bias's) name without its ``.weight`` / ``.bias`` suffix (torch's
+        module name), else the node's."""
+        for name, kind in ((self.weight, "weight"), (self.bias or "", "bias")):
+            for suffix in (f".{kind}", f"_{kind}", f"/{kind}"):
+                if name.endswith(suffix) and len(name) > len(suffix):
+                    return name[: -len(suffix)]
         return self.node or self.weight
 
 
@@ -185,11 +188,12 @@ def explain_with(model: onnx.ModelProto, composite: str, x: np.ndarray, input_na
 
 def sanity(model, inputs: list[Path], composites: list[str], mode: str = "cascade", seed: int = 0,
            normalize: str = "unit", size=None, draw: Draw | None = None, gradient: bool = True,
-           **options) -> SanityResult:
+           progress: bool = False, **options) -> SanityResult:
     """The randomisation test for each composite (and gradient x input when ``gradient``).
 
     draw: how a layer's tensors are randomised (default ``draw_normal`` with ``np.random.default_rng(seed)``);
     called once per layer, top layer first. options: rule options of the composites (epsilon, lrn_rule, ...).
+    progress: a progress bar on stderr (one tick per compiled and explained model).
     Every input must load (no partial result): the first that does not raises OnnxlrpError."""
     from .compile import IR_VERSION
     from .inputs import expand_inputs, input_spec, load_input
@@ -222,12 +226,17 @@ def sanity(model, inputs: list[Path], composites: list[str], mode: str = "cascad
         drawn.update(draw(layer, {n: originals[n] for n in names}, rng))
     steps = schedule(layers, mode)
     results = [MethodResult(label) for label, _, _ in methods]
+    from tqdm import tqdm
+    bar = tqdm(total=(len(steps) + 1) * len(methods), desc="randomisation", unit="model", file=sys.stderr,
+               leave=False, disable=not progress)
     for step in [[]] + steps:  # one randomised copy of the model at a time
         randomised = with_initializers(proto, {n: drawn[n] for layer in step for n in (layer.weight, layer.bias)
                                                if n})
         for result, (_, composite, rule_options) in zip(results, methods):
             relevance = explain_with(randomised, composite, x, spec.name, target, **rule_options)[1]
             result.maps.append(heatmap(relevance, spec.channels_last))
+            bar.update(1)
+    bar.close()
     for result in results:
         reference = result.maps[0]  # step 0: the intact model
         for name, similarity in SIMILARITIES.items():

@@ -41,21 +41,29 @@ def test_layers_in_topological_order():
         schedule(layers, "bottom_up")
 
 
-def test_matmul_with_add_bias_and_no_layers():
-    """A MatMul's bias is the initializer of the Add right after it; a weight read twice is one layer."""
-    w, b = numpy_helper.from_array(np.ones((4, 3), np.float32), "w"), numpy_helper.from_array(np.zeros(3, np.float32),
-                                                                                              "b")
+def test_matmul_with_add_bias_and_no_layers(tmp_path):
+    """A MatMul's bias is the initializer of the Add right after it; a weight read twice is one layer; a layer is
+    named after its weight, else its bias (here: ``dense``), else its node."""
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(3, np.float32), "dense.bias")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), helper.make_node("Add", ["y", "b"], ["z"]),
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), helper.make_node("Add", ["y", "dense.bias"], ["z"]),
          helper.make_node("MatMul", ["x", "w"], ["y2"], name="again"), helper.make_node("Add", ["z", "y2"], ["out"])],
         "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["N", 3])], [w, b])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    assert parameter_layers(model) == [Layer("mm", "MatMul", "w", "b")]
+    assert parameter_layers(model) == [Layer("mm", "MatMul", "w", "dense.bias")]
+    assert parameter_layers(model)[0].label == "dense" and Layer("mm", "MatMul", "w", None).label == "mm"
     del model.graph.initializer[:]
     model.graph.input.extend([helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [4, 3]),
-                              helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [3])])
+                              helper.make_tensor_value_info("dense.bias", onnx.TensorProto.FLOAT, [3])])
     assert parameter_layers(model) == []  # weights fed as inputs are not the model's parameters
+    onnx.save(model, str(tmp_path / "inputs_only.onnx"))
+    np.save(tmp_path / "x.npy", np.ones((1, 4), np.float32))
+    code, out, err = _cli_here(tmp_path / "inputs_only.onnx", tmp_path / "x.npy", "-o", tmp_path / "a.png")
+    assert code == 2 and not out and not (tmp_path / "a.png").exists()
+    assert err == f"onnxlrp: error: {tmp_path / 'inputs_only.onnx'}: no parameterised layer (Conv, ConvTranspose, " \
+                  "Gemm or MatMul with a float initializer weight) to randomise\n"
 
 
 def test_randomised_model_differs_only_in_the_chosen_layers():

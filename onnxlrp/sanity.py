@@ -258,11 +258,14 @@ def report(result: SanityResult) -> str:
     rows = [("method", "randomised", "Spearman |R|", "Spearman R", "SSIM", "inputs")]
     for method in result.methods:
         for k, label in enumerate(result.step_labels):
-            cells = [f"{m:.3f} ± {s:.3f}" for m, s in (mean_sem(method.scores[n][k]) for n in SIMILARITIES)]
+            cells = ["–" if np.isnan(m) else f"{m:.3f} ± {s:.3f}"
+                     for m, s in (mean_sem(method.scores[n][k]) for n in SIMILARITIES)]
             rows.append((method.label, label, *cells, str(method.scores["spearman"].shape[1])))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     how = "from the top, cumulative" if result.mode == "cascade" else "one layer at a time"
-    return "\n".join(lines) + f"\n(similarity to the intact model's heatmaps, mean ± s.e.m. over the inputs; layers " \
-                              f"randomised {how}; lower = the explanation depends more on the weights)"
+    note = ("(similarity to the intact model's heatmaps, mean ± s.e.m. over the inputs where defined; layers "
+            f"randomised {how}; lower = the explanation depends more on the weights; – : undefined, a constant map "
+            "has no ranking and SSIM needs 2-D maps)")
+    return "\n".join(lines) + "\n" + note

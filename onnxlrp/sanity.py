@@ -48,7 +48,8 @@ class Layer:
         return self.node or self.weight
 
 
-#: draw(layer, {initializer name: original array}, rng) -> {initializer name: random array of the same shape}
+#: draw(layer, {initializer name: original array}, rng) -> {initializer name: random array of the same shape};
+#: a tensor left out of the result keeps its original values.
 Draw = Callable[[Layer, dict, np.random.Generator], dict]
 
 
@@ -231,7 +232,7 @@ def sanity(model, inputs: list[Path], composites: list[str], mode: str = "cascad
                leave=False, disable=not progress)
     for step in [[]] + steps:  # one randomised copy of the model at a time
         randomised = with_initializers(proto, {n: drawn[n] for layer in step for n in (layer.weight, layer.bias)
-                                               if n})
+                                               if n in drawn})
         for result, (_, composite, rule_options) in zip(results, methods):
             relevance = explain_with(randomised, composite, x, spec.name, target, **rule_options)[1]
             result.maps.append(heatmap(relevance, spec.channels_last))

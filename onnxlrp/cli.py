@@ -499,6 +499,47 @@ def _evaluate_texts(model: Path, inputs: tuple[Path, ...], composites: list[str]
         sys.exit(1)
 
 
+@main.command("sanity")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--composite", "composites", multiple=True, default=["epsilon_plus_flat"], show_default=True,
+              help="Composite to check (repeat for several); gradient x input is always checked too.")
+@click.option("--lrn-rule", default=DEFAULT_OPTIONS["lrn_rule"], show_default=True,
+              help=f"Rule for LRN layers: {', '.join(LRN_RULES)}.")
+@click.option("--mode", type=click.Choice(["cascade", "independent"]), default="cascade", show_default=True,
+              help="cascade: randomise the top k layers at step k; independent: only the k-th from the top.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--normalize", default="unit", show_default=True, help="As for explain.")
+@click.option("--size", type=(click.IntRange(min=1), click.IntRange(min=1)), default=None,
+              help="Input height and width when dynamic.")
+@click.option("--show", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Inputs whose heatmaps the figure shows (per method).")
+@click.option("-o", "--output", "figure_path", type=click.Path(path_type=Path), default=Path("cascade.png"),
+              show_default=True, help="Where to write the figure (.png, .pdf or .svg).")
+@float_rule_options
+def sanity_command(model: Path, inputs: tuple[Path, ...], composites, mode: str, seed: int, normalize: str, size,
+                   show: int, figure_path: Path, **options) -> None:
+    """Model-parameter randomisation (Adebayo et al. 2018): replace the weights of the parameterised layers by
+    random ones from the top down, explain the inputs for the intact model's class again, and print how similar
+    the heatmaps stay (Spearman rank correlation of |R| and of R, SSIM; lower = the explanation depends on the
+    weights, as it should); writes the cascade figure."""
+    from .inputs import expand_inputs
+    from .load import model_files
+    from .sanity import report, sanity
+    from .sanity_figure import check_format, plot
+    from .save import refuse_overwrite
+    try:
+        refuse_overwrite(figure_path, model_files(model) + expand_inputs(list(inputs)), "figure")
+        check_format(figure_path)
+        result = sanity(model, list(inputs), list(composites), mode, seed, normalize, size,
+                        progress=sys.stderr.isatty(), **options)
+        plot(result, figure_path, show)
+    except (OnnxlrpError, OSError) as exc:
+        _fail(str(exc))
+    click.echo(report(result))
+    click.echo(f"figure: {figure_path}")
+
+
 @main.command("export-triton")
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.argument("repository", type=click.Path(file_okay=False, path_type=Path))

@@ -215,7 +215,7 @@ def evaluate(model: Path, inputs: list[Path], composites: list[str], lrn_rules: 
             for i, sample in enumerate(x):
                 fills.curves.append(np.mean([flip_curve(predict, sample, None if relevance is None else relevance[i],
                                                         target[i], patch, steps, kind, value, spec.channels_last, rng)
-                                             for kind, value in pm.FILLS], axis=0))
+                                             for kind, value in pm.FILLS], axis=0, dtype=np.float64))
             curves.metrics["fills"] = fills
         if "road" in metrics:
             noise = np.random.RandomState(seed)

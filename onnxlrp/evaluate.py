@@ -208,20 +208,9 @@ def evaluate(model: Path, inputs: list[Path], composites: list[str], lrn_rules: 
             bar.update(1)
         results.append(curves)
     bar.close()
-    for curves in results if definition == "onnxlrp" else ():
-        relevance = maps[curves.label]
-        if "fills" in metrics:
-            fills = Curves(curves.label)
-            for i, sample in enumerate(x):
-                fills.curves.append(np.mean([flip_curve(predict, sample, None if relevance is None else relevance[i],
-                                                        target[i], patch, steps, kind, value, spec.channels_last, rng)
-                                             for kind, value in pm.FILLS], axis=0, dtype=np.float64))
-            curves.metrics["fills"] = fills
-        if "road" in metrics:
-            noise = np.random.RandomState(seed)
-            for order in ("morf", "lerf"):
-                curves.metrics[f"road-{order}"] = Curves(curves.label, pm.road_curves(
-                    predict, x, relevance, target, spec.channels_last, steps, order, rng, noise))
+    if definition == "onnxlrp":
+        pm.add_metrics(results, maps, predict, x, target, spec.channels_last, patch, steps, list(metrics), rng,
+                       seed, progress)
     if definition != "onnxlrp":
         quantus_curves(results, maps, x, target, spec.channels_last, predict, definition, patch, steps, fill,
                        fill_value, rng)

@@ -64,6 +64,38 @@ def channel_sum(relevance: np.ndarray, channels_last: bool) -> np.ndarray:
     return relevance
 
 
+def add_metrics(results: list, maps: dict, predict, x: np.ndarray, target: np.ndarray, channels_last: bool,
+                patch: int, steps: int, metrics: list[str], rng: np.random.Generator, seed: int,
+                progress: bool = False) -> None:
+    """Fill each result's ``metrics`` with the ``fills`` / ``road-morf`` / ``road-lerf`` curves of its map
+    (maps[label]; None: a random order)."""
+    import sys
+
+    from tqdm import tqdm
+
+    from .evaluate import Curves, flip_curve
+    wanted = [m for m in metrics if m != "pixel-flipping"]
+    bar = tqdm(total=len(results) * len(wanted), desc=" / ".join(wanted), unit="method", file=sys.stderr,
+               leave=False, disable=not progress or not wanted)
+    for curves in results:
+        relevance = maps[curves.label]
+        if "fills" in wanted:
+            fills = Curves(curves.label)
+            for i, sample in enumerate(x):
+                fills.curves.append(np.mean([flip_curve(predict, sample, None if relevance is None else relevance[i],
+                                                        target[i], patch, steps, kind, value, channels_last, rng)
+                                             for kind, value in FILLS], axis=0, dtype=np.float64))
+            curves.metrics["fills"] = fills
+            bar.update(1)
+        if "road" in wanted:
+            noise = np.random.RandomState(seed)
+            for order in ("morf", "lerf"):
+                curves.metrics[f"road-{order}"] = Curves(curves.label, road_curves(
+                    predict, x, relevance, target, channels_last, steps, order, rng, noise))
+            bar.update(1)
+    bar.close()
+
+
 def road_fractions(steps: int) -> np.ndarray:
     return np.arange(steps) / steps
 

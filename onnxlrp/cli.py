@@ -406,9 +406,10 @@ def analyze_command(relevance: Path, klass: int | None, outdir: Path, clusters: 
                    "window and input) or RISE (--rise-masks model runs per input).")
 @click.option("--metric", "metrics", multiple=True, type=click.Choice(["pixel-flipping", "fills", "road"]),
               default=["pixel-flipping"], show_default=True,
-              help="Columns besides pixel flipping (repeat for several): fills (its AUC averaged over the fills "
-                   "mean, 0 and blur) or road (ROAD, noisy linear imputation of pixels, most and least relevant "
-                   "first; needs scipy).")
+              help="Metrics to report (repeat for several; pixel flipping always is): fills (the pixel-flipping "
+                   "AUC averaged over the fills mean, 0 and blur) or road (ROAD: single pixels imputed by noisy "
+                   "linear imputation, noise 0.01, most and least relevant first, at 0, 1/--steps, ..., "
+                   "(--steps - 1)/--steps of the pixels; needs scipy).")
 @click.option("--rise-masks", type=click.IntRange(min=1), default=1000, show_default=True,
               help="RISE: number of random masks.")
 @click.option("--rise-grid", type=click.IntRange(min=1), default=8, show_default=True,

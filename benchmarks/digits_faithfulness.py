@@ -67,7 +67,8 @@ def main() -> None:
     for name, key, sign in (("pixel flipping", None, 1), ("mean over fills", "fills", 1),
                             ("ROAD MoRF", "road-morf", 1), ("ROAD LeRF", "road-lerf", -1)):
         aucs = {name_of(r): (r.aucs if key is None else r.metrics[key].aucs).mean() for r in results}
-        print(f"ranking by {name}: " + " < ".join(sorted(aucs, key=lambda k: sign * aucs[k])))
+        print(f"ranking by {name}, best first: " + (" < " if sign > 0 else " > ").join(
+            sorted(aucs, key=lambda k: sign * aucs[k])))
 
 
 if __name__ == "__main__":

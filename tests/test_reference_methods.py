@@ -96,6 +96,9 @@ def test_occlusion_digits_model_and_channels_last():
     np.testing.assert_allclose(
         occlusion(predictor(last, "x"), x3_last, target3, np.zeros_like(x3_last), 2, channels_last=True),
         occlusion(predictor(first, "x"), x3, target3, np.zeros_like(x3), 2), rtol=0, atol=1e-5)
+    masks = rise_masks(30, 4, 0.5, (8, 8), np.random.default_rng(0))
+    np.testing.assert_allclose(rise(predictor(last, "x"), x3_last, target3, masks, 0.5, channels_last=True),
+                               rise(predictor(first, "x"), x3, target3, masks, 0.5), rtol=1e-5, atol=1e-5)
 
 
 def test_occlusion_covers_the_edge():

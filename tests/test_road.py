@@ -124,3 +124,22 @@ def test_evaluate_metrics_road_and_fills(tmp_path, monkeypatch):
     assert "ROAD MoRF" in text and "mean over fills" in text and "ROAD LeRF (higher better)" in text
     with pytest.raises(OnnxlrpError, match="--metric must be one of"):
         evaluate(MODEL, SAMPLES[:1], ["epsilon"], ["identity"], metrics=["roads"])
+
+
+def test_road_curves_channels_last():
+    """The NHWC twin of a model, fed the same images and relevance, gives the NCHW model's ROAD curves."""
+    from test_reference_methods import predictor, tiny_model
+    from onnxlrp.perturbation_metrics import road_curves
+    first, last = make_session(tiny_model(3, 8)), make_session(tiny_model(3, 8, channels_last=True))
+    rng = np.random.default_rng(4)
+    x = rng.random((2, 3, 8, 8)).astype(np.float32)
+    relevance = rng.normal(size=(2, 3, 8, 8))
+    target = np.array([1, 4])
+    x_last, rel_last = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, relevance))
+    for order in ("morf", "lerf"):
+        ours = road_curves(predictor(first, "x"), x, relevance, target, False, 4, order, None,
+                           np.random.RandomState(0))
+        twin = road_curves(predictor(last, "x"), x_last, rel_last, target, True, 4, order, None,
+                           np.random.RandomState(0))
+        np.testing.assert_allclose(twin, ours, rtol=1e-5, atol=1e-5)
+        assert len(ours[0]) == 4 and ours[0][0] == 1.0 and not np.allclose(ours[0], 1.0)

@@ -53,11 +53,11 @@ def main() -> None:
     def cell(aucs: np.ndarray) -> str:
         return f"{aucs.mean():.3f} ± {aucs.std(ddof=1) / np.sqrt(len(aucs)):.3f}"
 
-    print("| method | pixel flipping (mean fill) ↓ | mean over fills ↓ | ROAD MoRF ↓ | ROAD LeRF ↑ | ms / input |")
-    print("|---|---|---|---|---|---|")
     def name_of(r) -> str:
         return r.label.replace(" / lrn taylor", "").replace("gradient x input", "gradient × input")
 
+    print("| method | pixel flipping (mean fill) ↓ | mean over fills ↓ | ROAD MoRF ↓ | ROAD LeRF ↑ | ms / input |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         label = name_of(r)
         cost = "–" if r.cost_ms is None else f"{r.cost_ms:.2f}"

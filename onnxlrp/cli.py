@@ -399,6 +399,25 @@ def analyze_command(relevance: Path, klass: int | None, outdir: Path, clusters: 
               help="Whose metric: onnxlrp's (above), or Quantus 0.6's PixelFlipping (--patch x --patch features per "
                    "step, raw score) or RegionPerturbation (--steps tiles, score drop, higher AUC is better), "
                    "equal to Quantus's curves and AUCs (README, faithfulness).")
+@click.option("--reference", "references", multiple=True, type=click.Choice(["occlusion", "rise", "none"]),
+              default=["occlusion"], show_default=True,
+              help="Black-box reference methods beside gradient x input and random (repeat for several; none: "
+                   "only those): occlusion (--patch windows, stride --patch, filled as --fill: one model run per "
+                   "window and input) or RISE (--rise-masks model runs per input).")
+@click.option("--metric", "metrics", multiple=True, type=click.Choice(["pixel-flipping", "fills", "road"]),
+              default=["pixel-flipping"], show_default=True,
+              help="Metrics to report (repeat for several; pixel flipping always is): fills (the pixel-flipping "
+                   "AUC averaged over the fills mean, 0 and blur) or road (ROAD: single pixels imputed by noisy "
+                   "linear imputation, noise 0.01, most and least relevant first, at 0, 1/--steps, ..., "
+                   "(--steps - 1)/--steps of the pixels; needs scipy).")
+@click.option("--rise-masks", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="RISE: number of random masks.")
+@click.option("--rise-grid", type=click.IntRange(min=1), default=8, show_default=True,
+              help="RISE: the masks' cells per side before upsampling.")
+@click.option("--rise-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.5, show_default=True,
+              help="RISE: probability that a cell is kept.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random order, RISE's masks and "
+              "ROAD's noise.")
 @click.option("--baseline", "old_fill", type=click.Choice(["mean", "value", "blur"]), default=None, hidden=True,
               help="Deprecated name of --fill (compile's --baseline is DeepLIFT's reference input).")
 @click.option("--baseline-value", "old_fill_value", type=float, default=None, hidden=True,
@@ -423,11 +442,14 @@ def analyze_command(relevance: Path, klass: int | None, outdir: Path, clusters: 
 @float_rule_options
 def evaluate_command(model: Path, inputs: tuple[Path, ...], composites, lrn_rules, steps: int, patch: int,
                      fill: str | None, fill_value: float | None, old_fill: str | None, old_fill_value: float | None,
-                     normalize: str, size, plot_path: Path, definition: str = "onnxlrp", **options) -> None:
+                     normalize: str, size, plot_path: Path, definition: str = "onnxlrp", references=("occlusion",),
+                     metrics=("pixel-flipping",), rise_masks: int = 1000, rise_grid: int = 8, rise_p: float = 0.5,
+                     seed: int = 0, **options) -> None:
     """Pixel flipping: AUC of the explained class's score as the most relevant patches are flipped first, for
-    each composite (and LRN rule), against gradient x input and a random order (lower AUC is better). The rule
-    options apply to every composite evaluated. With --tokenizer (and --text or text files): token deletion for a
-    text model instead."""
+    each composite (and LRN rule), against gradient x input, black-box references (--reference) and a random
+    order (lower AUC is better), with each map's cost in ms per input; --metric adds ROAD and the mean over
+    fills. The rule options apply to every composite evaluated. With --tokenizer (and --text or text files): token
+    deletion for a text model instead."""
     text_options = {k: options.pop(k) for k in ("texts", "tokenizer", "deletion", "score")}
     if text_options["texts"] or text_options["tokenizer"]:
         _evaluate_texts(model, inputs, list(composites), steps, plot_path, text_options, options)
@@ -438,6 +460,7 @@ def evaluate_command(model: Path, inputs: tuple[Path, ...], composites, lrn_rule
     from .evaluate import evaluate, plot, report
     from .inputs import expand_inputs
     from .load import model_files
+    from .perturbation_metrics import RiseSettings
     from .save import refuse_overwrite
     for old, new, value in (("--baseline", "--fill", old_fill), ("--baseline-value", "--fill-value", old_fill_value)):
         if value is not None:
@@ -449,7 +472,10 @@ def evaluate_command(model: Path, inputs: tuple[Path, ...], composites, lrn_rule
         refuse_overwrite(plot_path, model_files(model) + expand_inputs(list(inputs)), "plot")
         results, failures = evaluate(model, list(inputs), list(composites), list(lrn_rules), steps, patch,
                                      fill, fill_value, normalize, size, progress=sys.stderr.isatty(),
-                                     definition=definition, **options)
+                                     definition=definition, seed=seed,
+                                     references=[r for r in references if r != "none"],
+                                     metrics=list(dict.fromkeys(["pixel-flipping", *metrics])),
+                                     rise=RiseSettings(rise_masks, rise_grid, rise_p), **options)
         plot(results, plot_path, steps)
     except (OnnxlrpError, OSError) as exc:
         _fail(str(exc))
@@ -472,7 +498,10 @@ def _evaluate_texts(model: Path, inputs: tuple[Path, ...], composites: list[str]
     image_only = [flag for name, flag in (("lrn_rules", "--lrn-rule"), ("patch", "--patch"), ("fill", "--fill"),
                                           ("fill_value", "--fill-value"), ("definition", "--definition"),
                                           ("old_fill", "--baseline"), ("old_fill_value", "--baseline-value"),
-                                          ("normalize", "--normalize"), ("size", "--size"))
+                                          ("normalize", "--normalize"), ("size", "--size"),
+                                          ("references", "--reference"), ("metrics", "--metric"),
+                                          ("rise_masks", "--rise-masks"), ("rise_grid", "--rise-grid"),
+                                          ("rise_p", "--rise-p"))
                   if name in ctx.params and not default(name)]
     if image_only:
         _fail(f"evaluate --tokenizer (text models): {image_only[0]} applies to images only")

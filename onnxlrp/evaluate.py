@@ -6,6 +6,7 @@ All perturbed versions of one input (steps + 1 of them) go through one ONNX Runt
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,11 +78,13 @@ def make_baseline(x: np.ndarray, kind: str, value: float, channels_last: bool) -
 
 @dataclass
 class Method:
-    """One way of ordering the pixels: a composite (with its LRN rule), gradient x input, or random."""
+    """One way of ordering the pixels: a composite (with its LRN rule), gradient x input, a black-box reference
+    (occlusion, RISE: reference_methods.py), or random."""
 
     label: str
     composite: str | None
     options: dict = field(default_factory=dict)
+    reference: str | None = None
 
 
 @dataclass
@@ -89,6 +92,8 @@ class Curves:
     label: str
     curves: list[np.ndarray] = field(default_factory=list)
     definition: str = "onnxlrp"  # or quantus-pixel-flipping / quantus-region-perturbation (quantus_definition.py)
+    cost_ms: float | None = None  # milliseconds per input to compute the map (None: random)
+    metrics: dict[str, "Curves"] = field(default_factory=dict)  # --metric fills / road-morf / road-lerf
 
     @property
     def mean(self) -> np.ndarray:
@@ -102,31 +107,47 @@ class Curves:
         return np.array([area_under_curve(c) for c in self.curves])
 
 
-def methods_for(composites: list[str], lrn_rules: list[str], model_has_lrn: bool, **options) -> list[Method]:
+def methods_for(composites: list[str], lrn_rules: list[str], model_has_lrn: bool, references=(),
+                **options) -> list[Method]:
     methods = []
     for composite in composites:
         for rule in (lrn_rules if model_has_lrn else lrn_rules[:1]):
             label = f"{composite} / lrn {rule}" if model_has_lrn else composite
             methods.append(Method(label, composite, {**options, "lrn_rule": rule}))
     methods.append(Method("gradient x input", "gradient", {}))
+    methods += [Method(REFERENCE_LABELS[r], None, reference=r) for r in dict.fromkeys(references)]
     methods.append(Method("random", None, {}))
     return methods
+
+
+REFERENCE_LABELS = {"occlusion": "occlusion", "rise": "RISE"}
 
 
 def evaluate(model: Path, inputs: list[Path], composites: list[str], lrn_rules: list[str], steps: int = 16,
              patch: int = 4, fill: str = "mean", fill_value: float = 0.0, normalize: str = "unit",
              size=None, seed: int = 0, progress: bool = False, definition: str = "onnxlrp",
+             references=(), metrics=("pixel-flipping",), rise=None,
              **options) -> tuple[list[Curves], list[tuple[Path, str]]]:
     """Pixel-flipping curves per method (relative score: score after k steps / score before).
 
     fill: what flipped patches become, ``mean`` (each channel's mean), ``value`` (``fill_value``) or ``blur``.
     options: rule options of the composites (epsilon, gamma, ...). progress: a progress bar on stderr.
     definition: ``onnxlrp`` (above) or Quantus 0.6's ``quantus-pixel-flipping`` (patch x patch features per
-    step) / ``quantus-region-perturbation`` (``steps`` tiles of patch x patch), see quantus_definition.py."""
+    step) / ``quantus-region-perturbation`` (``steps`` tiles of patch x patch), see quantus_definition.py.
+    references: black-box methods besides (``occlusion``, ``rise``; rise: a perturbation_metrics.RiseSettings).
+    metrics: besides pixel flipping, ``fills`` and ``road`` (perturbation_metrics.py), in Curves.metrics."""
+    from . import perturbation_metrics as pm
     if steps < 1 or patch < 1:
         raise OnnxlrpError("--steps and --patch must be at least 1")
     if definition not in DEFINITIONS:
         raise OnnxlrpError(f"--definition must be one of {', '.join(DEFINITIONS)}, got {definition!r}")
+    pm.check_metrics(list(metrics), definition)
+    for name in references:
+        if name not in REFERENCE_LABELS:
+            raise OnnxlrpError(f"--reference must be occlusion, rise or none, got {name!r}")
+    rise = rise or pm.RiseSettings()
+    if rise.masks < 1 or rise.grid < 1 or not 0 < rise.p <= 1:
+        raise OnnxlrpError("RISE needs --rise-masks >= 1, --rise-grid >= 1 and 0 < --rise-p <= 1")
     if definition != "onnxlrp" and fill not in ("mean", "value", "black", "white"):
         raise OnnxlrpError(f"--definition {definition}: --fill must be mean, value, black or white (Quantus has no "
                            f"{fill} fill)")
@@ -150,45 +171,64 @@ def evaluate(model: Path, inputs: list[Path], composites: list[str], lrn_rules: 
     if not loaded:
         raise OnnxlrpError("no usable inputs")
     x = np.stack([a for _, a in loaded])
-    scores = forward.run([output], {spec.name: x})[0].reshape(len(x), -1)
+    predict = lambda batch: forward.run([output], {spec.name: batch})[0].reshape(len(batch), -1)  # noqa: E731
+    scores = predict(x)
     target = scores.argmax(1)
     results = []
     rng = np.random.default_rng(seed)
-    methods = methods_for(composites, lrn_rules, has_lrn, **options)
+    methods = methods_for(composites, lrn_rules, has_lrn, references, **options)
     from tqdm import tqdm
     bar = tqdm(total=len(methods) * len(x), desc="pixel flipping", unit="input", file=sys.stderr, leave=False,
                disable=not progress)
     maps = {}
     for method in methods:
         curves = Curves(method.label, definition=definition)
-        if method.composite is not None:
+        relevance, start = None, time.perf_counter()
+        if method.reference is not None:
+            relevance = pm.reference_map(method.reference, predict, x, target, spec.channels_last, fill, fill_value,
+                                         patch, rise, seed)
+        elif method.composite is not None:
             compiled, _ = compile_cached(model, method.composite, **method.options)
-            _, relevance = Explainer.from_compiled(compiled).explain({spec.name: x}, target=target)
+            explainer = Explainer.from_compiled(compiled)
+            explainer.explain({spec.name: x[:1]}, target=target[:1])  # warm-up: the cost is of a warm session
+            start = time.perf_counter()  # the explanation's cost, not the compilation's (cached) or the session's
+            _, relevance = explainer.explain({spec.name: x}, target=target)
             if isinstance(relevance, dict):
                 relevance = relevance[spec.name]
+        if relevance is not None:
+            curves.cost_ms = 1000 * (time.perf_counter() - start) / len(x)
+        maps[method.label] = relevance
         if definition != "onnxlrp":
-            maps[method.label] = None if method.composite is None else relevance
             results.append(curves)
             bar.update(len(x))
             continue
         for i, sample in enumerate(x):
-            if method.composite is None:
-                order = patch_order(np.zeros(spec.size), patch, rng)
-            else:
-                rel = relevance[i].sum(axis=-1 if spec.channels_last else 0) if relevance[i].ndim == 3 \
-                    else relevance[i]
-                order = patch_order(rel, patch)
-            base = make_baseline(sample, fill, fill_value, spec.channels_last)
-            batch = perturbed_batch(sample, base, order, patch, steps, spec.channels_last)
-            values = forward.run([output], {spec.name: batch})[0].reshape(len(batch), -1)[:, target[i]]
-            curves.curves.append(values / values[0] if values[0] != 0 else values)
+            curves.curves.append(flip_curve(predict, sample, None if relevance is None else relevance[i], target[i],
+                                            patch, steps, fill, fill_value, spec.channels_last, rng))
             bar.update(1)
         results.append(curves)
     bar.close()
+    if definition == "onnxlrp":
+        pm.add_metrics(results, maps, predict, x, target, spec.channels_last, patch, steps, list(metrics), rng,
+                       seed, progress)
     if definition != "onnxlrp":
-        quantus_curves(results, maps, x, target, spec.channels_last, lambda batch: forward.run(
-            [output], {spec.name: batch})[0].reshape(len(batch), -1), definition, patch, steps, fill, fill_value, rng)
+        quantus_curves(results, maps, x, target, spec.channels_last, predict, definition, patch, steps, fill,
+                       fill_value, rng)
     return results, failures
+
+
+def flip_curve(predict, sample: np.ndarray, relevance: np.ndarray | None, target: int, patch: int, steps: int,
+               fill: str, fill_value: float, channels_last: bool, rng: np.random.Generator) -> np.ndarray:
+    """One input's pixel-flipping curve: relative score as the tiles are flipped (random order if no relevance)."""
+    size = sample.shape[:2] if channels_last else sample.shape[-2:]
+    if relevance is None:
+        order = patch_order(np.zeros(size), patch, rng)
+    else:
+        order = patch_order(relevance.sum(axis=-1 if channels_last else 0) if relevance.ndim == 3 else relevance,
+                            patch)
+    base = make_baseline(sample, fill, fill_value, channels_last)
+    values = predict(perturbed_batch(sample, base, order, patch, steps, channels_last))[:, target]
+    return values / values[0] if values[0] != 0 else values
 
 
 DEFINITIONS = ("onnxlrp", "quantus-pixel-flipping", "quantus-region-perturbation")
@@ -221,15 +261,31 @@ def quantus_curves(results: list[Curves], maps: dict, x: np.ndarray, target: np.
         curves.curves = list(values)
 
 
+def _mean_sem(aucs: np.ndarray) -> list[str]:
+    sem = aucs.std(ddof=1) / np.sqrt(len(aucs)) if len(aucs) > 1 else 0.0
+    return [f"{aucs.mean():.4f}", f"{sem:.4f}"]
+
+
 def report(results: list[Curves]) -> str:
-    rows = [("method", "AUC (mean)", "± s.e.m.", "inputs")]
+    """The table: per method the AUC ± s.e.m. of each metric, the map's cost (ms per input) and the inputs."""
+    from .perturbation_metrics import HIGHER_IS_BETTER, TITLES
+    extra = list(results[0].metrics) if results else []
+    header = ["method", "AUC (mean)", "± s.e.m."]
+    for name in extra:
+        header += [f"{TITLES[name]}{' (higher better)' if name in HIGHER_IS_BETTER else ''}", "± s.e.m."]
+    rows = [header + ["ms/input", "inputs"]]
     for r in results:
-        aucs = r.aucs
-        sem = aucs.std(ddof=1) / np.sqrt(len(aucs)) if len(aucs) > 1 else 0.0
-        rows.append((r.label, f"{aucs.mean():.4f}", f"{sem:.4f}", str(len(aucs))))
-    widths = [max(len(row[c]) for row in rows) for c in range(4)]
+        row = [r.label] + _mean_sem(r.aucs)
+        for name in extra:
+            row += _mean_sem(r.metrics[name].aucs)
+        rows.append(row + ["–" if r.cost_ms is None else f"{r.cost_ms:.2f}", str(len(r.aucs))])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header) + 2)]
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if extra:
+        lines.append("(mean over fills: pixel flipping averaged over the fills mean, 0 and blur; ROAD: pixels imputed "
+                     "by noisy linear imputation, most (MoRF) or least (LeRF) relevant first; ms/input: the time to "
+                     "compute the map)")
     definition = results[0].definition if results else "onnxlrp"
     if definition != "onnxlrp":
         what = "raw score of the explained class, features flipped most relevant first; lower AUC = more faithful" \
@@ -259,7 +315,10 @@ def figure(results: list[Curves], steps: int):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9, 4), dpi=100)
+    from .perturbation_metrics import TITLES, road_fractions
+    extra = list(results[0].metrics) if results else []  # --metric fills / road: one panel each, on the right
+    fig, axes = plt.subplots(1, 1 + len(extra), figsize=(9 + 4 * len(extra), 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     for r in results:
         fractions = np.linspace(0, 1, steps + 1) if r.definition == "onnxlrp" else np.arange(1, len(r.mean) + 1)
         ax.plot(fractions, r.mean, label=f"{r.label} (AUC {r.aucs.mean():.3f})",
@@ -269,6 +328,13 @@ def figure(results: list[Curves], steps: int):
     ax.set_ylabel("relative score of the explained class" if definition == "onnxlrp" else
                   "score drop" if definition == "quantus-region-perturbation" else "score of the explained class")
     ax.set_title("pixel flipping" if definition == "onnxlrp" else f"Quantus {definition.removeprefix('quantus-')}")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # beside the curves
+    for other, name in zip(axes[0][1:], extra):
+        for r in results:
+            fractions = road_fractions(steps) if name.startswith("road") else np.linspace(0, 1, steps + 1)
+            other.plot(fractions, r.metrics[name].mean, linestyle="--" if r.label == "random" else "-")
+        other.set_title(f"{TITLES[name]} (AUC in the table)")
+        other.set_xlabel("fraction of pixels imputed" if name.startswith("road") else "fraction of patches flipped")
+    axes[0][-1].legend(handles=ax.get_lines(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       borderaxespad=0.0)  # beside the curves
     fig.tight_layout()
     return fig

@@ -64,10 +64,11 @@ def test_evaluate_cli_on_digits(tmp_path):
         env={**__import__("os").environ, "ONNXLRP_CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    labels = [l.split("  ")[0] for l in lines[2:6]]
+    labels = [l.split("  ")[0] for l in lines[2:7]]
     assert labels == ["epsilon_plus_flat / lrn identity", "epsilon_plus_flat / lrn taylor", "gradient x input",
-                      "random"]
-    aucs = {l.split("  ")[0]: float(l.split()[-3]) for l in lines[2:6]}
+                      "occlusion", "random"]  # occlusion: the default --reference
+    assert lines[0].split()[-5:] == ["(mean)", "±", "s.e.m.", "ms/input", "inputs"]
+    aucs = {l.split("  ")[0]: float(l.split()[-4]) for l in lines[2:7]}
     assert aucs["epsilon_plus_flat / lrn taylor"] < aucs["random"]
     assert plot.exists() and plot.stat().st_size > 10_000
 

@@ -20,6 +20,7 @@ from .errors import OnnxlrpError
 from .load import external_data_files, require_regular_file
 from . import save
 from .save import write_file_atomically
+from .weights import serialized_size
 from .user_rules import user_files
 
 
@@ -76,7 +77,7 @@ def _read_entry(path: Path) -> onnx.ModelProto | None:
 def _write_entry(model: onnx.ModelProto, path: Path) -> None:
     """Write the model, then its digest; an unwritable cache only costs time. Models too large for one
     protobuf message are not cached."""
-    if model.ByteSize() > save.EXTERNAL_DATA_THRESHOLD:
+    if serialized_size(model) > save.EXTERNAL_DATA_THRESHOLD:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from onnxscript.rewriter.rules import common as common_rules
 from .errors import OnnxlrpError
 from .load import infer_shapes, upgrade_opset
 from .patterns.lrn import recognise_lrn
+from .weights import is_large, join_weights, without_data
 
 Pass = Callable[[onnx.ModelProto, str], onnx.ModelProto]
 
@@ -60,14 +61,30 @@ def fold_constants(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
             onnxscript.optimizer.fold_constants(ir_model)
             ir_model = rewrite(ir_model, pattern_rewrite_rules=rules)
             onnxscript.optimizer.remove_unused_nodes(ir_model)
+            kept = _detach_unchanged_weights(ir_model, model)
             folded = onnx_ir.serde.serialize_model(ir_model)
             for vi in folded.graph.output:
                 if vi.name in hidden:
                     vi.type.CopyFrom(hidden[vi.name])
-            return folded
+            return join_weights(model, folded, kept)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OnnxlrpError(f"{source}: graph optimisation failed: {first}") from None
+
+
+def _detach_unchanged_weights(ir_model: onnx_ir.Model, model: onnx.ModelProto) -> set[str]:
+    """Give the large initializers that folding left as they were (still ``model``'s own TensorProtos) a
+    placeholder without data in ``ir_model``, so that serialising it copies no weights; ``model`` keeps them (see
+    weights.join_weights). Returns their names."""
+    large = {t.name: t for t in model.graph.initializer if is_large(t)}
+    kept = set()
+    for name, value in ir_model.graph.initializers.items():
+        tensor = value.const_value
+        if isinstance(tensor, onnx_ir.serde.TensorProtoTensor) and large.get(name) is tensor.raw \
+                and tensor.raw.name == name:
+            value.const_value = onnx_ir.serde.TensorProtoTensor(without_data(tensor.raw))
+            kept.add(name)
+    return kept
 
 
 def _hide_map_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:

@@ -192,13 +192,15 @@ def compile_command(model: Path, output: Path | None, composite: str | None, exp
     from .load import model_files
     from .report import check_report
     output = output or model.with_suffix(".lrp.onnx")
-    protected = model_files(model) + ([Path(baseline)] if baseline != "zeros" else [])  # never overwritten
+    baseline_file = [Path(baseline)] if baseline != "zeros" else []
     try:
-        check_output(output, protected)
+        check_output(output, [model, *baseline_file])  # before a long compile (its data files: see below)
         compiled = compile_model(model, composite, explain_output=explain_output, inline=inline, portable=portable,
                                  emit_layers=emit_layers, bias_relevance=bias_relevance, baseline=baseline,
                                  relevance_at=relevance_at, target_mask=target_mask,
                                  constant_inputs=constant_inputs, **options)
+        # never overwritten; the external data files are known from the compile's read (no second parse)
+        protected = model_files(model) + baseline_file
         report, flagged = check_report(model, composite, explain_output, {**options,
                                                                           "constant_inputs": constant_inputs}) \
             if check else (None, 0)

@@ -29,6 +29,7 @@ from .load import check, default_opset, model_source, read_model, weightless
 from .targets import TARGET_INPUT, TARGET_MASK_INPUT, default_composite, scores_tensor, set_target_inputs
 from .templates import DOMAIN, library, user_rules_in_effect
 from .user_rules import rules_fingerprint
+from .weights import copy_fields, is_large, join_weights
 
 #: IR version written: accepted by every onnxruntime from 1.16 on (onnx >= 1.20 would write 14, too new for ORT).
 IR_VERSION = 10
@@ -207,6 +208,10 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str | N
     if columns:
         compiled.metadata_props.add(key="onnxlrp.bias_relevance", value=json.dumps(columns))
     compiled.metadata_props.add(key="onnxlrp.portable", value=json.dumps(portable))
+    # the plan's model (private to this call) becomes the compiled model: its large weights are not copied
+    source = plan.view.model
+    compiled = join_weights(source, compiled, {t.name for t in source.graph.initializer if is_large(t)},
+                            order=tuple(t.name for t in source.graph.initializer))
     if inline or portable:
         compiled = inline_functions(compiled)
     try:
@@ -587,8 +592,10 @@ def relevance_signal(view: GraphView, chosen: Composite, contributions: dict[str
 def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], chosen: Composite, params: dict,
               applied: list[str], layers: list[tuple[str, str]]) -> onnx.ModelProto:
     source = view.model
-    graph = onnx.GraphProto()
-    graph.CopyFrom(source.graph)
+    model = onnx.ModelProto()
+    graph = model.graph
+    copy_fields(source.graph, graph, skip="initializer")  # the large weights stay in the plan's model until
+    graph.initializer.extend(t for t in source.graph.initializer if not is_large(t))  # compile_model joins them
     graph.node.extend(builder.nodes)
     graph.initializer.extend(builder.initializers)
     float_inputs = view.float_inputs
@@ -624,9 +631,9 @@ def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], cho
             function = _renamed(library().function("nonzero_div"), "safe_div")
         function = _copy_with_opset(function, opset)
         functions.append(function)
-    model = helper.make_model(graph, functions=functions, opset_imports=[
-        helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)] + [
+    model.opset_import.extend([helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)] + [
         o for o in source.opset_import if o.domain not in ("", "ai.onnx", DOMAIN)])
+    model.functions.extend(functions)
     model.ir_version = IR_VERSION
     model.producer_name, model.producer_version = "onnxlrp", __version__
     for prop in source.metadata_props:

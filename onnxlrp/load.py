@@ -5,12 +5,12 @@ import os
 import stat
 from pathlib import Path
 
-import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, numpy_helper, version_converter
 
 from .errors import OnnxlrpError
+from .weights import is_large, join_weights, raw_data_size, split_weights
 
 #: Opset of the default domain that rule templates are written against; older models are upgraded to it.
 TARGET_OPSET = 18
@@ -65,7 +65,32 @@ def _parse(path: Path) -> onnx.ModelProto:
         raise OnnxlrpError(f"{path}: cannot read the model ({exc.strerror or exc})") from None
     if not proto.graph.node and not proto.graph.output:
         raise OnnxlrpError(f"{path}: not an ONNX model (no graph found)")
+    key = _file_key(path)
+    if key is not None:
+        _EXTERNAL_LOCATIONS[key] = _external_locations(proto)
     return proto
+
+
+#: The external data locations of each file parsed, by (path, inode, size, mtime): the CLI asks for a model's
+#: data files after compiling it, and must not parse hundreds of MB a second time for that.
+_EXTERNAL_LOCATIONS: dict[tuple, list[str]] = {}
+
+
+def _file_key(path: Path) -> tuple | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (os.path.realpath(path), info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def _external_locations(proto: onnx.ModelProto) -> list[str]:
+    locations = []
+    for tensor in all_tensors(proto):
+        for entry in tensor.external_data if external_data_helper.uses_external_data(tensor) else []:
+            if entry.key == "location" and entry.value not in locations:
+                locations.append(entry.value)
+    return locations
 
 
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
@@ -82,16 +107,14 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def external_data_files(path: Path) -> list[Path]:
-    """The files (beside ``path``) holding the external data of the model at ``path``; [] when unreadable."""
-    try:
-        proto = _parse(path)
-    except OnnxlrpError:
-        return []
-    locations = []
-    for tensor in all_tensors(proto):
-        for entry in tensor.external_data if external_data_helper.uses_external_data(tensor) else []:
-            if entry.key == "location" and entry.value not in locations:
-                locations.append(entry.value)
+    """The files (beside ``path``) holding the external data of the model at ``path``; [] when unreadable.
+    Known without reading when the file was parsed before and has not changed since."""
+    locations = _EXTERNAL_LOCATIONS.get(_file_key(path))
+    if locations is None:
+        try:
+            locations = _external_locations(_parse(path))
+        except OnnxlrpError:
+            return []
     return [path.parent / location for location in locations]
 
 
@@ -125,7 +148,7 @@ def validate_tensors(model: onnx.ModelProto, source: str) -> None:
     for tensor in all_tensors(model):
         if external_data_helper.uses_external_data(tensor):
             continue  # an in-memory model with external references: read where it is used
-        expected = _raw_size(tensor)
+        expected = raw_data_size(tensor)
         if expected is not None and tensor.HasField("raw_data"):
             length = len(tensor.raw_data)
             if length == expected:
@@ -139,18 +162,6 @@ def validate_tensors(model: onnx.ModelProto, source: str) -> None:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OnnxlrpError(f"{source}: tensor {tensor.name!r} of shape {list(tensor.dims)} does not hold "
                            f"matching data ({first})")
-
-
-def _raw_size(tensor: onnx.TensorProto) -> int | None:
-    """Bytes of raw data that the tensor's dims and type call for (None: sub-byte, string or unknown types)."""
-    try:
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-    except Exception:
-        return None
-    name = onnx.TensorProto.DataType.Name(tensor.data_type)
-    if dtype.kind in "OSU" or name.endswith(("INT4", "INT2", "FLOAT4E2M1")):
-        return None
-    return int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
 
 
 def refuse_compiled(model: onnx.ModelProto, source: str) -> None:
@@ -175,16 +186,14 @@ def upgrade_opset(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     """Convert models older than TARGET_OPSET with onnx's version converter."""
     if default_opset(model) >= TARGET_OPSET:
         return model
+    split = split_weights(model)  # the converter serialises what it is given: leave the weights out
     try:
-        return version_converter.convert_version(model, TARGET_OPSET)
+        converted = version_converter.convert_version(split.light, TARGET_OPSET)
     except Exception as exc:  # the converter raises bare RuntimeErrors/ValueErrors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OnnxlrpError(
             f"{source}: cannot upgrade opset {default_opset(model)} to {TARGET_OPSET}: {first}") from None
-
-
-#: Initializers with more elements than this are replaced by typed graph inputs in `weightless` copies.
-LARGE_INITIALIZER = 1024
+    return join_weights(model, converted, split.large, split.stubs, split.order)
 
 
 def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -193,8 +202,8 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     data propagation of shape computations)."""
     graph = model.graph
     listed = {vi.name for vi in graph.input}
-    small = [t for t in graph.initializer if int(np.prod(t.dims)) <= LARGE_INITIALIZER]
-    large = [t for t in graph.initializer if int(np.prod(t.dims)) > LARGE_INITIALIZER]
+    small = [t for t in graph.initializer if not is_large(t)]
+    large = [t for t in graph.initializer if is_large(t)]
     light = onnx.helper.make_graph(
         list(graph.node), graph.name,
         list(graph.input) + [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))

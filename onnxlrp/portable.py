@@ -8,12 +8,17 @@ import onnx.inliner
 from onnx import helper
 
 from .load import weightless
+from .weights import join_weights, split_weights
 
 
 def inline(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every model-local function inlined: inline_local_functions -> castlike_to_cast ->
-    drop_unused_initializers (the metadata is kept)."""
-    return drop_unused_initializers(castlike_to_cast(onnx.inliner.inline_local_functions(model)))
+    drop_unused_initializers (the metadata is kept). The inliner serialises what it is given: it inlines a copy
+    without the large weights (weights.split_weights), and ``model`` takes the result, keeping its weights."""
+    split = split_weights(model)
+    inlined = onnx.inliner.inline_local_functions(split.light)
+    model = join_weights(model, inlined, split.large, split.stubs, split.order)
+    return drop_unused_initializers(castlike_to_cast(model))
 
 
 def castlike_to_cast(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -13,6 +13,7 @@ from typing import BinaryIO
 import onnx
 
 from .errors import OnnxlrpError
+from .weights import serialized_size
 
 #: Serialised models larger than this are saved with their weights in ``<output>.data`` beside the output:
 #: protobuf cannot write a message over 2 GiB. (A module constant so that tests can lower it.)
@@ -89,7 +90,7 @@ def write_model_atomically(model: onnx.ModelProto, path: Path, protected: Iterab
     Returns the files written."""
     path = Path(path)
     check_output(path, protected)
-    if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
+    if serialized_size(model) <= EXTERNAL_DATA_THRESHOLD:  # = ByteSize(), without encoding the weights
         write_file_atomically(path, lambda handle: handle.write(model.SerializeToString()))
         return [path]
     data = path.with_name(path.name + ".data")

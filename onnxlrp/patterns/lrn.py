@@ -23,10 +23,17 @@ class _Graph:
         self.order = list(graph.node)
         self.opsets = list(opsets)
         self.producer = {o: n for n in graph.node for o in n.output}
-        self.constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.tensors = {t.name: t for t in graph.initializer}  # read as arrays when a match needs them
         for n in graph.node:
             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-                self.constants[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+                self.tensors[n.output[0]] = n.attribute[0].t
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant output, else None."""
+        if name not in self.arrays and name in self.tensors:
+            self.arrays[name] = numpy_helper.to_array(self.tensors[name])
+        return self.arrays.get(name)
 
     def node(self, name: str, op: str | set[str]) -> onnx.NodeProto | None:
         n = self.producer.get(name)
@@ -34,17 +41,17 @@ class _Graph:
         return n if n is not None and n.op_type in ops else None
 
     def scalar(self, name: str) -> float | None:
-        value = self.constants.get(name)
+        value = self.constant(name) if name in self.tensors and _size(self.tensors[name]) == 1 else None
         return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
     def evaluate(self, name: str) -> np.ndarray | None:
         """Value of a tensor computed from constants only (onnx.reference on its ancestors), else None."""
-        if name in self.constants:
-            return self.constants[name]
+        if name in self.tensors:
+            return self.constant(name)
         nodes, todo, seen = [], [name], set()
         while todo:
             current = todo.pop()
-            if current in seen or current in self.constants or not current:
+            if current in seen or current in self.tensors or not current:
                 continue
             seen.add(current)
             node = self.producer.get(current)
@@ -56,7 +63,7 @@ class _Graph:
         nodes = sorted({id(n): n for n in nodes}.values(), key=lambda n: order[id(n)])
         graph = helper.make_graph(
             nodes, "constant", [], [helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)],
-            [numpy_helper.from_array(v, k) for k, v in self.constants.items()
+            [numpy_helper.from_array(self.constant(k), k) for k in self.tensors
              if any(k in n.input for n in nodes)])
         try:
             from onnx.reference import ReferenceEvaluator
@@ -79,6 +86,10 @@ class _Graph:
             else:
                 return name
         return name
+
+
+def _size(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64))
 
 
 def _match(g: _Graph, div: onnx.NodeProto) -> dict | None:

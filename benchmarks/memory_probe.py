@@ -1,7 +1,8 @@
 """Peak memory growth of one explaining (or forward) run, measured in a fresh process: the resident set size is
 sampled every 2 ms by a thread while the model runs ``--runs`` times (a warm-up counts: ORT's arena and memory
 pattern grow on the first and second run), and the growth is the peak minus the size just before the first run
-(after the model and its weights are loaded, so weights are not counted). bench_explain.py runs one probe per
+(after the model and its weights are loaded, so weights are not counted, and after the heap's free pages are
+returned to the system, so that memory freed while loading cannot hide the runs' growth). bench_explain.py runs one probe per
 cell so that no allocator state carries over from another measurement.
 
     python benchmarks/memory_probe.py KIND MODEL BATCH [--runs 3] [--threads N]
@@ -28,6 +29,7 @@ class PeakSampler:
         self._stop = threading.Event()
 
     def __enter__(self) -> PeakSampler:
+        _return_free_memory()
         self.base = self.peak = self.process.memory_info().rss
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -46,6 +48,18 @@ class PeakSampler:
     @property
     def growth_mib(self) -> float:
         return (self.peak - self.base) / 2**20
+
+
+def _return_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim) so that what loading the model freed
+    is not silently reused by the runs: otherwise their growth would be hidden in memory already counted."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def ort_runner(kind: str, path: str, batch: int, threads: int | None):

@@ -102,17 +102,14 @@ def default_providers() -> list[str]:
 def make_session(model: onnx.ModelProto, providers: list[str] | None = None, threads: int | None = None):
     """An ORT InferenceSession for an in-memory model (``threads``: intra-op threads, default ORT's choice).
 
-    Memory (explaining models keep the forward's activations for the relevance pass, so their peak matters): ORT's
-    memory pattern is off (with it, the second run allocates one block of the planned peak on top of what the first
-    run left in the arena: ResNet-50 at batch 8 grows by 2.0 GB instead of 1.0 GB), and CPU-only sessions allocate
-    from one arena shared by the process that grows by what is asked, not by powers of two (1.0 -> 0.84 GB); no
-    measured cost in time (benchmarks/bench_explain.py)."""
+    ORT's memory pattern is off: explaining models keep the forward's activations for the relevance pass, and with
+    the pattern the second run allocates one block of the planned peak on top of what the first run left in the
+    arena (ResNet-50, batch 8: 2.0 GB of growth instead of 1.1 GB), at no measured cost in time
+    (benchmarks/bench_explain.py)."""
     ort = _ort()
     providers = providers or default_providers()
     options = ort.SessionOptions()
     options.enable_mem_pattern = False
-    if providers == [CPU] and _shared_cpu_arena(ort):
-        options.add_session_config_entry("session.use_env_allocators", "1")
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 4  # errors reach the caller as one-line OnnxlrpErrors, not as ORT log lines
@@ -122,23 +119,6 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None, thr
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except Exception as exc:
         raise OnnxlrpError(f"onnxruntime cannot load the compiled model: {str(exc).strip().splitlines()[0]}") from None
-
-
-_ARENA: list[bool] = []  # whether the shared CPU arena is registered (decided once per process)
-
-
-def _shared_cpu_arena(ort) -> bool:
-    """Register ORT's process-wide CPU arena, extended by the size asked for (ArenaCfg arena_extend_strategy 1,
-    kSameAsRequested) instead of ORT's default doubling. False if that fails (e.g. the application registered its
-    own): sessions then keep ORT's per-session arena."""
-    if not _ARENA:
-        try:
-            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
-            _ARENA.append(True)
-        except Exception:
-            _ARENA.append(False)
-    return _ARENA[0]
 
 
 def _session_from_folder(ort, model: onnx.ModelProto, options, providers: list[str]):

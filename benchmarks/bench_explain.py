@@ -1,7 +1,10 @@
 """Explain cost against a forward pass: ONNX Runtime forward of the original model, ORT run of the compiled model
 (forward + relevance), their ratio, Zennit's time on the same weights and input (if zennit is installed), and
 the compile time. torchvision ResNet-50 and VGG-16 with random weights at 224x224, batch 1 and 8; one table from
-one run.
+one run. Then, unless --no-memory, the peak memory growth of each (memory_probe.py: a fresh process per cell,
+resident set size sampled every 2 ms over a warm-up and two runs, weights not counted): the ORT forward, the
+compiled model in a session with ORT's default options and in onnxlrp's session (memory pattern off, as
+onnxlrp.runtime.make_session makes it), and Zennit.
 
 Timing: --rounds rounds, each running the forward and the compiled model in turn, each as a warm-up plus --repeats
 timed runs; a time is the lowest of its rounds' medians (Zennit's rounds follow). Shared machines slow down for
@@ -9,7 +12,7 @@ seconds at a time; interleaving the two and keeping each one's best round keeps 
 side of the ratio.
 
     python benchmarks/bench_explain.py [--models resnet50,vgg16] [--batches 1,8] [--repeats 5] [--rounds 3]
-                                       [--provider cpu|cuda] [--cuda-batch 64] [--no-zennit]
+                                       [--provider cpu|cuda] [--cuda-batch 64] [--no-zennit] [--no-memory]
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import io
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -92,6 +97,7 @@ def main() -> None:
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cuda" if cuda_usable() else "cpu")
     parser.add_argument("--cuda-batch", type=int, default=64, help="batch for explanations/s on CUDA")
     parser.add_argument("--no-zennit", action="store_true")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
     args = parser.parse_args()
     providers = [CUDA, CPU] if args.provider == "cuda" else [CPU]
     threads = os.cpu_count()
@@ -100,6 +106,8 @@ def main() -> None:
     header = "| model | batch | ORT forward (s) | compiled: forward + relevance (s) | ratio | Zennit (s) | " \
              "vs Zennit | compile (s) | compiled size / original |"
     rows = [header, "|---|---|---|---|---|---|---|---|---|"]
+    memory = ["| model | batch | ORT forward (MiB) | compiled, ORT default options (MiB) | compiled, onnxlrp session "
+              "(MiB) | Zennit (MiB) | onnxlrp / Zennit | onnxlrp / forward |", "|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             model, path = export(name, Path(tmp))
@@ -132,8 +140,32 @@ def main() -> None:
                 rows.append(f"| {name} | {batch} | {fwd:.3f} | {lrp:.3f}{extra} | {lrp / fwd:.2f}× | {zen_s} | "
                             f"{versus} | {compile_s:.2f} | {size_ratio:.2f} |")
                 print(rows[-1], flush=True)
+                if not args.no_memory and args.provider == "cpu":
+                    memory.append(memory_row(name, batch, path, out, use_zennit))
+                    print(memory[-1], flush=True)
     print()
     print("\n".join(rows))
+    if len(memory) > 2:
+        print("\npeak memory growth during the runs (weights not counted)")
+        print("\n".join(memory))
+
+
+def probe(kind: str, model: str, batch: int) -> float:
+    """Peak memory growth (MiB) of ``kind`` in a fresh process (memory_probe.py)."""
+    script = Path(__file__).with_name("memory_probe.py")
+    done = subprocess.run([sys.executable, str(script), kind, model, str(batch)], capture_output=True, text=True,
+                          check=True)
+    return float(done.stdout.split()[-1])
+
+
+def memory_row(name: str, batch: int, original: Path, compiled: Path, zennit: bool) -> str:
+    fwd = probe("ort", str(original), batch)
+    default = probe("ort", str(compiled), batch)
+    ours = probe("onnxlrp", str(compiled), batch)
+    zen = probe("zennit", name, batch) if zennit else None
+    versus = f"{ours / zen:.2f}×" if zen else "–"
+    return (f"| {name} | {batch} | {fwd:.0f} | {default:.0f} | {ours:.0f} | {f'{zen:.0f}' if zen else '–'} | "
+            f"{versus} | {ours / fwd:.1f}× |")
 
 
 if __name__ == "__main__":

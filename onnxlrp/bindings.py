@@ -637,17 +637,29 @@ def pad_variant(ctx: BindContext) -> str | None:
     return "runtime" if ctx.view.constant_value(ctx.node.input[1]) is None else None
 
 
+#: Ops with one activation input and constant other inputs that ONNX Runtime folds into the Conv before them
+#: (ConvMulFusion, ConvAddFusion, ConvBNFusion: e.g. ConvNeXt's layer scale), so that the Add after them can
+#: still fuse into that Conv.
+_FOLDED_INTO_CONV = {"Mul", "Add", "BatchNormalization"}
+
+
 def fused_summand(view: GraphView, add_index: int) -> int | None:
     """The input of a two-input Add that ONNX Runtime fuses into the Conv producing it (the first one that
-    comes from a Conv read by nothing else). The relevance pass must not read that tensor: an extra reader
-    stops the fusion and changes the original outputs in their last bits."""
+    comes from a Conv read by nothing else, directly or through per-channel constant Mul/Add/BatchNormalization
+    that ORT folds into the Conv). The relevance pass must not read that tensor: an extra reader stops the fusion
+    and changes the original outputs in their last bits."""
     node = view.nodes[add_index]
     if node.op_type != "Add" or len(node.input) != 2:
         return None
     for k, name in enumerate(node.input):
-        if name in view.producer and view.nodes[view.producer[name][0]].op_type == "Conv" \
-                and len(view.consumers.get(name, [])) == 1:
-            return k
+        while name in view.producer and len(view.consumers.get(name, [])) == 1:
+            producer = view.nodes[view.producer[name][0]]
+            if producer.op_type == "Conv":
+                return k
+            varying = [i for i in producer.input if i and view.constant_value(i) is None]
+            if producer.op_type not in _FOLDED_INTO_CONV or len(varying) != 1:
+                break
+            name = varying[0]
     return None
 
 

@@ -299,15 +299,8 @@ def report(results: list[Curves]) -> str:
 
 def plot(results: list[Curves], path: Path, steps: int) -> None:
     """Write the mean curves (legend beside the axes, never over the curves) to a .png/.pdf/.svg file."""
-    import matplotlib.pyplot as plt
-    fig = figure(results, steps)
-    from .save import write_file_atomically
-    fmt = Path(path).suffix[1:].lower() or "png"
-    if fmt not in fig.canvas.get_supported_filetypes():
-        plt.close(fig)
-        raise OnnxlrpError(f"{path}: cannot write a plot of type {fmt!r} (use .png, .pdf or .svg)")
-    write_file_atomically(Path(path), lambda handle: fig.savefig(handle, format=fmt, bbox_inches="tight"))
-    plt.close(fig)
+    from .save import write_figure
+    write_figure(figure(results, steps), path)
 
 
 def figure(results: list[Curves], steps: int):

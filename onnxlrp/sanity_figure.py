@@ -86,12 +86,6 @@ def check_format(path: Path) -> str:
 
 def plot(result: SanityResult, path: Path, show: int = 3) -> None:
     """Write the figure to a .png/.pdf/.svg file (atomically: no partial file)."""
-    import matplotlib.pyplot as plt
-
-    from .save import write_file_atomically
-    fmt = check_format(path)
-    fig = figure(result, show)
-    try:
-        write_file_atomically(Path(path), lambda handle: fig.savefig(handle, format=fmt, bbox_inches="tight"))
-    finally:
-        plt.close(fig)
+    from .save import write_figure
+    check_format(path)
+    write_figure(figure(result, show), path, "figure")

@@ -70,6 +70,19 @@ def _temporary_beside(path: Path):
         raise
 
 
+def write_figure(fig, path: Path, kind: str = "plot") -> None:
+    """Write a matplotlib figure to a .png/.pdf/.svg file (type from the suffix, png when none), atomically, and
+    close it; a type matplotlib cannot write is an OnnxlrpError naming the file."""
+    import matplotlib.pyplot as plt
+    try:
+        fmt = Path(path).suffix[1:].lower() or "png"
+        if fmt not in fig.canvas.get_supported_filetypes():
+            raise OnnxlrpError(f"{path}: cannot write a {kind} of type {fmt!r} (use .png, .pdf or .svg)")
+        write_file_atomically(Path(path), lambda handle: fig.savefig(handle, format=fmt, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
 def write_file_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(handle)`` on a temporary file beside ``path``, then rename it to ``path``."""
     try:

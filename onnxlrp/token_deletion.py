@@ -272,7 +272,7 @@ def plot(results: list[TokenCurves], path: Path, steps: int, score: str = "raw")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .save import write_file_atomically
+    from .save import write_figure
     fig, ax = plt.subplots(figsize=(9, 4), dpi=100)
     fractions = np.linspace(0, 1, steps + 1)
     for r in results:
@@ -286,9 +286,4 @@ def plot(results: list[TokenCurves], path: Path, steps: int, score: str = "raw")
     ax.set_title("token deletion (solid: most relevant first, dashed: least relevant first)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    fmt = Path(path).suffix[1:].lower() or "png"
-    if fmt not in fig.canvas.get_supported_filetypes():
-        plt.close(fig)
-        raise OnnxlrpError(f"{path}: cannot write a plot of type {fmt!r} (use .png, .pdf or .svg)")
-    write_file_atomically(Path(path), lambda handle: fig.savefig(handle, format=fmt, bbox_inches="tight"))
-    plt.close(fig)
+    write_figure(fig, path)

@@ -16,21 +16,11 @@ from onnxlrp.runtime import make_session
 
 torch = pytest.importorskip("torch")
 
+from ort_module import OrtModule  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "digits_lrn.onnx"
 SAMPLES = sorted((ROOT / "models" / "samples").glob("digit_*.png"))
-
-
-class OrtModule(torch.nn.Module):
-    """The ONNX model as the torch module Captum calls: forward runs the ONNX Runtime session."""
-
-    def __init__(self, session, input_name: str) -> None:
-        super().__init__()
-        self.session, self.input_name = session, input_name
-
-    def forward(self, x):
-        out = self.session.run(None, {self.input_name: x.detach().cpu().numpy().astype(np.float32)})[0]
-        return torch.from_numpy(out)
 
 
 def tiny_model(channels: int, size: int, channels_last: bool = False, seed: int = 0) -> onnx.ModelProto:

@@ -17,22 +17,11 @@ from onnxlrp.runtime import Explainer, make_session
 quantus = pytest.importorskip("quantus")
 torch = pytest.importorskip("torch")
 
+from ort_module import OrtModule  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "digits_lrn.onnx"
 SAMPLES = sorted((ROOT / "models" / "samples").glob("digit_*.png"))
-
-
-class RecordingOrtModule(torch.nn.Module):
-    """The ONNX model as the torch module Quantus calls (forward runs the ONNX Runtime session); keeps its inputs."""
-
-    def __init__(self, session, input_name: str) -> None:
-        super().__init__()
-        self.session, self.input_name, self.seen = session, input_name, []
-
-    def forward(self, x):
-        batch = x.detach().cpu().numpy().astype(np.float32)
-        self.seen.append(batch)
-        return torch.from_numpy(self.session.run(None, {self.input_name: batch})[0])
 
 
 @pytest.mark.parametrize("shape, removed", [((1, 12, 9), 1), ((1, 12, 9), 40), ((1, 32, 32), 900),
@@ -82,7 +71,7 @@ def digits():
 @pytest.mark.parametrize("noise, percentages", [(0.01, [1, 10, 30, 50, 70, 90, 99]), (0.0, [5, 40, 80, 95])])
 def test_road_equals_quantus(digits, noise, percentages):
     x, target, a, session, name = digits
-    model = RecordingOrtModule(session, name).eval()
+    model = OrtModule(session, name).eval()
     metric = quantus.ROAD(percentages=percentages, noise=noise, disable_warnings=True, display_progressbar=False)
     np.random.seed(11)
     metric(model=model, x_batch=x, y_batch=target, a_batch=a, softmax=False, channel_first=True, device="cpu")

@@ -200,8 +200,11 @@ def _starts_gelu(node: onnx.NodeProto, readers: dict) -> bool:
     return node.op_type in ("Div", "Mul") and any(n.op_type == "Erf" for n in readers.get(node.output[0], []))
 
 
-#: activations that ONNX Runtime folds into the Gemm before them (FusedGemm), computing them its own way.
-_GEMM_ACTIVATIONS = {"Relu", "Tanh", "Sigmoid", "LeakyRelu", "HardSigmoid", "Elu", "Selu", "Softsign"}
+#: activations that ONNX Runtime folds into the Gemm before them (FusedGemm), computing them its own way. Relu is
+#: not among them: max(z, 0) is the same float whichever kernel takes it, so the forward's Gemm output is read as
+#: it is (on VGG-16 a recomputed MatMul would cost a second pass over 400 MB of weights and a transposed copy of
+#: them; original outputs bit-identical: tests/test_zoo.py).
+_GEMM_ACTIVATIONS = {"Tanh", "Sigmoid", "LeakyRelu", "HardSigmoid", "Elu", "Selu", "Softsign"}
 
 
 def _recompute_gemm(ctx: BindContext, tensor: str, gemm: onnx.NodeProto) -> str:

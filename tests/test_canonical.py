@@ -85,6 +85,36 @@ def test_unfolded_batchnorm_and_bias_add_equal_zennit_with_merged_batchnorm(comp
     assert rules["bn2"] == "fused into matmul"
 
 
+def test_gemm_before_relu_is_read_as_it_is_and_before_tanh_recomputed():
+    """ONNX Runtime fuses a Gemm with the activation after it (FusedGemm). Its Tanh is not the standalone Tanh's
+    float, so the rules read a recomputed MatMul + Add there; Relu gives the same float either way, so the rules
+    read the Gemm's own output (no second pass over the weights). Original outputs bit-identical both ways."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 5)).eval()
+    model = _torch_onnx(net, torch.randn(2, 40))
+    assert [n.op_type for n in model.graph.node] == ["Gemm", "Relu", "Gemm", "Tanh", "Gemm"]
+    relu_gemm, tanh_gemm = model.graph.node[0].output[0], model.graph.node[2].output[0]
+    compiled = onnxlrp.compile_model(model, composite="epsilon")
+    inlined = onnx.inliner.inline_local_functions(compiled)
+    recomputed = {n.name for n in inlined.graph.node if n.op_type == "MatMul"}
+    assert not any(relu_gemm in name for name in recomputed)
+    assert any(tanh_gemm in name for name in recomputed)
+    x = np.random.default_rng(0).standard_normal((7, 40)).astype(np.float32)
+    original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"input": x, "target": np.zeros(7, np.int64)})
+    np.testing.assert_array_equal(outputs[0], original.run(None, {"input": x})[0])
+
+
+def _torch_onnx(net: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
+    """``net`` exported by the TorchScript exporter (Linear as Gemm), batch axis dynamic."""
+    import io
+    buffer = io.BytesIO()
+    torch.onnx.export(net, x, buffer, dynamo=False, input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
 def _caffe_style_model(bias: bool) -> onnx.ModelProto:
     """IR 3, opset 9: weights also listed as graph inputs, LRN op, Reshape before Gemm, Dropout with ratio,
     Softmax at the end (how Caffe-converted zoo models look)."""

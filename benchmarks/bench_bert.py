@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_explain import best_of_rounds, median_time  # benchmarks/ is on sys.path when this script runs
+from bench_common import best_of_rounds, median_time  # benchmarks/ is on sys.path when this script runs
 
 LAYERS, HIDDEN, HEADS, VOCAB = 12, 768, 12, 30522
 

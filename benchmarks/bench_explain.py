@@ -18,74 +18,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 import onnxlrp
+from bench_common import Table, best_of_rounds, export_torchvision, machine_line, zennit_explainer
 from onnxlrp.save import write_model_atomically
 from onnxlrp.runtime import CPU, CUDA, cuda_usable, make_session
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def best_of_rounds(fns: dict, repeats: int, rounds: int) -> dict:
-    """name -> the lowest of ``rounds`` medians, the named functions taking turns round by round."""
-    medians: dict = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            medians[name].append(median_time(fn, repeats))
-    return {name: min(values) for name, values in medians.items()}
-
-
-def export(name: str, folder: Path):
-    import torch
-    import torchvision
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).eval()
-    path = folder / f"{name}.onnx"
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
-    return model, path
-
-
-@contextlib.contextmanager
-def zennit_explainer(model, x: np.ndarray):
-    """A function running Zennit's EpsilonPlusFlat on x (None when zennit is not installed)."""
-    try:
-        import torch
-        from zennit.attribution import Gradient
-        from zennit.composites import EpsilonPlusFlat
-        from zennit.torchvision import ResNetCanonizer, VGGCanonizer
-    except ImportError:
-        yield None
-        return
-    canonizer = ResNetCanonizer() if "ResNet" in type(model).__name__ else VGGCanonizer()
-    xt = torch.tensor(x)
-    with torch.no_grad():
-        one_hot = torch.eye(1000)[model(xt).argmax(1)]
-    with Gradient(model=model, composite=EpsilonPlusFlat(canonizers=[canonizer])) as attributor:
-        yield lambda: attributor(xt, lambda out: out * one_hot)
 
 
 def main() -> None:
@@ -100,17 +45,14 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
     args = parser.parse_args()
     providers = [CUDA, CPU] if args.provider == "cuda" else [CPU]
-    threads = os.cpu_count()
-    print(f"machine: {platform.processor() or platform.machine()}, {threads} cores; onnxruntime {ort.__version__} "
-          f"({providers[0]}); onnxlrp {onnxlrp.__version__}; composite epsilon_plus_flat")
-    header = "| model | batch | ORT forward (s) | compiled: forward + relevance (s) | ratio | Zennit (s) | " \
-             "vs Zennit | compile (s) | compiled size / original |"
-    rows = [header, "|---|---|---|---|---|---|---|---|---|"]
-    memory = ["| model | batch | ORT forward (MiB) | compiled, ORT default options (MiB) | compiled, onnxlrp session "
-              "(MiB) | Zennit (MiB) | onnxlrp / Zennit | onnxlrp / forward |", "|---|---|---|---|---|---|---|---|"]
+    print(f"{machine_line(providers[0])}; composite epsilon_plus_flat")
+    rows = Table("model", "batch", "ORT forward (s)", "compiled: forward + relevance (s)", "ratio", "Zennit (s)",
+                 "vs Zennit", "compile (s)", "compiled size / original")
+    memory = Table("model", "batch", "ORT forward (MiB)", "compiled, ORT default options (MiB)",
+                   "compiled, onnxlrp session (MiB)", "Zennit (MiB)", "onnxlrp / Zennit", "onnxlrp / forward")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            model, path = export(name, Path(tmp))
+            model, path = export_torchvision(name, Path(tmp))
             start = time.perf_counter()
             compiled = onnxlrp.compile_model(path)
             compile_s = time.perf_counter() - start
@@ -137,17 +79,15 @@ def main() -> None:
                 zen_s = f"{zen:.3f}" if zen else "–"
                 versus = f"{zen / lrp:.1f}× faster" if zen else "–"
                 extra = f" ({batch / lrp:.0f} explanations/s)" if args.provider == "cuda" else ""
-                rows.append(f"| {name} | {batch} | {fwd:.3f} | {lrp:.3f}{extra} | {lrp / fwd:.2f}× | {zen_s} | "
-                            f"{versus} | {compile_s:.2f} | {size_ratio:.2f} |")
-                print(rows[-1], flush=True)
+                rows.add(name, batch, f"{fwd:.3f}", f"{lrp:.3f}{extra}", f"{lrp / fwd:.2f}×", zen_s, versus,
+                         f"{compile_s:.2f}", f"{size_ratio:.2f}")
                 if not args.no_memory and args.provider == "cpu":
-                    memory.append(memory_row(name, batch, path, out, use_zennit))
-                    print(memory[-1], flush=True)
+                    memory.add(*memory_cells(name, batch, path, out, use_zennit))
     print()
-    print("\n".join(rows))
-    if len(memory) > 2:
+    print(rows)
+    if memory.has_rows:
         print("\npeak memory growth during the runs (weights not counted)")
-        print("\n".join(memory))
+        print(memory)
 
 
 def probe(kind: str, model: str, batch: int) -> float:
@@ -158,14 +98,14 @@ def probe(kind: str, model: str, batch: int) -> float:
     return float(done.stdout.split()[-1])
 
 
-def memory_row(name: str, batch: int, original: Path, compiled: Path, zennit: bool) -> str:
+def memory_cells(name: str, batch: int, original: Path, compiled: Path, zennit: bool) -> tuple:
     fwd = probe("ort", str(original), batch)
     default = probe("ort", str(compiled), batch)
     ours = probe("onnxlrp", str(compiled), batch)
     zen = probe("zennit", name, batch) if zennit else None
     versus = f"{ours / zen:.2f}×" if zen else "–"
-    return (f"| {name} | {batch} | {fwd:.0f} | {default:.0f} | {ours:.0f} | {f'{zen:.0f}' if zen else '–'} | "
-            f"{versus} | {ours / fwd:.1f}× |")
+    return (name, batch, f"{fwd:.0f}", f"{default:.0f}", f"{ours:.0f}", f"{zen:.0f}" if zen else "–", versus,
+            f"{ours / fwd:.1f}×")
 
 
 if __name__ == "__main__":

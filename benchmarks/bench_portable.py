@@ -11,12 +11,7 @@ model is also timed on OpenVINO's CPU plugin (f32).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import os
-import platform
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,21 +19,8 @@ import onnx
 import onnxruntime as ort
 
 import onnxlrp
-from bench_explain import best_of_rounds
+from bench_common import Table, best_of_rounds, export_torchvision, machine_line
 from onnxlrp.runtime import CPU, make_session
-
-
-def export(name: str, folder: Path) -> Path:
-    import torch
-    import torchvision
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).eval()
-    path = folder / f"{name}.onnx"
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
-    return path
 
 
 def openvino_runner(model: onnx.ModelProto, folder: Path):
@@ -59,13 +41,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--openvino", action="store_true")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; onnxruntime "
-          f"{ort.__version__} (CPU); onnxlrp {onnxlrp.__version__}; epsilon_plus_flat; batch {args.batch}")
-    rows = ["| model | batch | ORT forward (s) | default (s) | portable (s) | portable / default | "
-            "OpenVINO portable (s) |", "|---|---|---|---|---|---|---|"]
+    print(f"{machine_line('CPU')}; epsilon_plus_flat; batch {args.batch}")
+    rows = Table("model", "batch", "ORT forward (s)", "default (s)", "portable (s)", "portable / default",
+                 "OpenVINO portable (s)")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            path = export(name, Path(tmp))
+            _, path = export_torchvision(name, Path(tmp))
             default = onnxlrp.compile_model(path)
             portable = onnxlrp.compile_model(path, portable=True)
             sessions = {"fwd": ort.InferenceSession(str(path), providers=[CPU]),
@@ -80,11 +61,10 @@ def main() -> None:
             if args.openvino:
                 run_ov = openvino_runner(portable, Path(tmp))
                 ov_s = f"{best_of_rounds({'ov': lambda: run_ov(feeds)}, args.repeats, args.rounds)['ov']:.3f}"
-            rows.append(f"| {name} | {args.batch} | {times['fwd']:.3f} | {times['default']:.3f} | "
-                        f"{times['portable']:.3f} | {times['portable'] / times['default']:.3f} | {ov_s} |")
-            print(rows[-1], flush=True)
+            rows.add(name, args.batch, f"{times['fwd']:.3f}", f"{times['default']:.3f}", f"{times['portable']:.3f}",
+                     f"{times['portable'] / times['default']:.3f}", ov_s)
     print()
-    print("\n".join(rows))
+    print(rows)
 
 
 if __name__ == "__main__":

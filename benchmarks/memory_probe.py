@@ -13,11 +13,14 @@ Prints one line: the growth in MiB.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import threading
 import time
 
 import numpy as np
 import psutil
+
+from bench_common import zennit_explainer
 
 
 class PeakSampler:
@@ -78,23 +81,20 @@ def ort_runner(kind: str, path: str, batch: int, threads: int | None):
     return lambda: session.run(None, feeds)
 
 
+@contextlib.contextmanager
 def zennit_runner(name: str, batch: int, threads: int | None):
+    """Zennit's EpsilonPlusFlat on torchvision's ``name`` (weights seeded 0), run inside its attributor context."""
     import torch
     import torchvision
-    from zennit.attribution import Gradient
-    from zennit.composites import EpsilonPlusFlat
-    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
-    x = torch.tensor(np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32))
-    with torch.no_grad():
-        one_hot = torch.eye(1000)[model(x).argmax(1)]
-    canonizer = ResNetCanonizer() if "resnet" in name else VGGCanonizer()
-    attributor = Gradient(model=model, composite=EpsilonPlusFlat(canonizers=[canonizer]))
-    attributor.__enter__()
-    return lambda: attributor(x, lambda out: out * one_hot)
+    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+    with zennit_explainer(model, x) as run:
+        if run is None:
+            raise SystemExit("memory_probe: zennit is not installed")
+        yield run
 
 
 def main() -> None:
@@ -105,9 +105,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    run = zennit_runner(args.model, args.batch, args.threads) if args.kind == "zennit" else \
-        ort_runner(args.kind, args.model, args.batch, args.threads)
-    with PeakSampler() as sampler:
+    runner = zennit_runner(args.model, args.batch, args.threads) if args.kind == "zennit" else \
+        contextlib.nullcontext(ort_runner(args.kind, args.model, args.batch, args.threads))
+    with runner as run, PeakSampler() as sampler:
         for _ in range(args.runs):
             run()
     print(f"{sampler.growth_mib:.0f}")

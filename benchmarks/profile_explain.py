@@ -23,7 +23,7 @@ import onnxruntime as ort
 import onnxlrp
 from onnxlrp.save import write_model_atomically
 
-from bench_explain import export
+from bench_common import export_torchvision
 
 CONVOLUTIONS = {"Conv", "FusedConv", "ConvTranspose"}
 
@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            _, path = export(name, Path(tmp))
+            _, path = export_torchvision(name, Path(tmp))
             out = Path(tmp) / f"{name}.lrp.onnx"
             write_model_atomically(onnxlrp.compile_model(path), out)
             for batch in (int(b) for b in args.batches.split(",")):

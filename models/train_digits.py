@@ -15,6 +15,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import onnx
@@ -53,11 +54,13 @@ def load() -> tuple[np.ndarray, ...]:
     return train_test_split(images, digits.target, test_size=0.25, random_state=0, stratify=digits.target)
 
 
-def train(x_train, y_train, epochs: int = 30) -> DigitsNet:
+def train(x_train, y_train, epochs: int = 30, make_model: Callable[[], nn.Module] = DigitsNet) -> nn.Module:
+    """``make_model()``'s network trained deterministically: torch seeded 0 before it is built, deterministic
+    algorithms, one thread; Adam (lr 2e-3), cross-entropy, batches of 64 in an order seeded 0."""
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
-    model = DigitsNet()
+    model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     x, y = torch.tensor(x_train), torch.tensor(y_train)
     generator = torch.Generator().manual_seed(0)
@@ -70,7 +73,7 @@ def train(x_train, y_train, epochs: int = 30) -> DigitsNet:
     return model.eval()
 
 
-def export(model: DigitsNet, path: Path) -> None:
+def export(model: nn.Module, path: Path) -> None:
     """ONNX export (dynamo, opset 18, dynamic batch); the decomposed LocalResponseNorm is written back as the
     LRN op (onnxlrp's canonicalisation), as Caffe-converted models have it."""
     from onnxlrp.canonical import recognise_lrn, remove_dead_nodes
@@ -88,22 +91,40 @@ def export(model: DigitsNet, path: Path) -> None:
     onnx.save(proto, str(path))
 
 
-def main() -> None:
+class Trained(NamedTuple):
+    model: nn.Module
+    info: dict
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def train_and_export(name: str, make_model: Callable[[], nn.Module] = DigitsNet,
+                     details: Callable[[nn.Module, np.ndarray], dict] = lambda model, x_test: {}) -> Trained:
+    """Train ``make_model()``'s network on the digits split (:func:`train`), write models/<name>.onnx
+    (:func:`export`) and models/<name>.json (test accuracy, sample counts, input, classes, then the entries of
+    ``details(model, x_test)``) and print the test accuracy."""
     x_train, x_test, y_train, y_test = load()
-    model = train(x_train, y_train)
+    model = train(x_train, y_train, make_model=make_model)
     with torch.no_grad():
         accuracy = float((model(torch.tensor(x_test)).argmax(1).numpy() == y_test).mean())
-    export(model, HERE / "digits_lrn.onnx")
+    path = HERE / f"{name}.onnx"
+    export(model, path)
+    info = {"test_accuracy": round(accuracy, 4), "test_samples": int(len(y_test)),
+            "train_samples": int(len(y_train)), "input": "image float32 [N,1,32,32] in [0,1]",
+            "classes": list(range(10)), **details(model, x_test)}
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"test accuracy {accuracy:.4f} on {len(y_test)} held-out digits; wrote {path}")
+    return Trained(model, info, x_test, y_test)
+
+
+def main() -> None:
+    trained = train_and_export("digits_lrn")
     samples = HERE / "samples"
     samples.mkdir(exist_ok=True)
     for digit in range(10):
-        index = int(np.flatnonzero(y_test == digit)[0])
-        Image.fromarray((x_test[index, 0] * 255).round().astype(np.uint8), mode="L").save(
+        index = int(np.flatnonzero(trained.y_test == digit)[0])
+        Image.fromarray((trained.x_test[index, 0] * 255).round().astype(np.uint8), mode="L").save(
             samples / f"digit_{digit}.png")
-    (HERE / "digits_lrn.json").write_text(json.dumps(
-        {"test_accuracy": round(accuracy, 4), "test_samples": int(len(y_test)), "train_samples": int(len(y_train)),
-         "input": "image float32 [N,1,32,32] in [0,1]", "classes": list(range(10))}, indent=2) + "\n")
-    print(f"test accuracy {accuracy:.4f} on {len(y_test)} held-out digits; wrote {HERE / 'digits_lrn.onnx'}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ resident set size sampled every 2 ms over a warm-up and two runs, weights not co
 compiled model in a session with ORT's default options and in onnxlrp's session (memory pattern off, as
 onnxlrp.runtime.make_session makes it), and Zennit.
 
+The compiled model is also timed with IO binding (column "IO binding"): input and target bound once as OrtValues on
+the provider's device, outputs bound to that device and left there, as a server that keeps its tensors on the GPU
+would run it; its outputs are checked equal to the plain run's. On CUDA the table adds the --cuda-batch row with
+explanations/s for both.
+
 Timing: --rounds rounds, each running the forward and the compiled model in turn, each as a warm-up plus --repeats
 timed runs; a time is the lowest of its rounds' medians (Zennit's rounds follow). Shared machines slow down for
 seconds at a time; interleaving the two and keeping each one's best round keeps such a slowdown from landing on one
@@ -46,8 +51,8 @@ def main() -> None:
     args = parser.parse_args()
     providers = [CUDA, CPU] if args.provider == "cuda" else [CPU]
     print(f"{machine_line(providers[0])}; composite epsilon_plus_flat")
-    rows = Table("model", "batch", "ORT forward (s)", "compiled: forward + relevance (s)", "ratio", "Zennit (s)",
-                 "vs Zennit", "compile (s)", "compiled size / original")
+    rows = Table("model", "batch", "ORT forward (s)", "compiled: forward + relevance (s)", "ratio", "IO binding (s)",
+                 "Zennit (s)", "vs Zennit", "compile (s)", "compiled size / original")
     memory = Table("model", "batch", "ORT forward (MiB)", "compiled, ORT default options (MiB)",
                    "compiled, onnxlrp session (MiB)", "Zennit (MiB)", "onnxlrp / Zennit", "onnxlrp / forward")
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,8 +72,10 @@ def main() -> None:
                 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
                 target = np.full(batch, -1, np.int64)
                 use_zennit = not args.no_zennit and args.provider == "cpu"
+                feeds = {"x": x, "target": target}
+                bound = bound_run(explaining, feeds, "cuda" if args.provider == "cuda" else "cpu")
                 times = best_of_rounds({"fwd": lambda: original.run(None, {"x": x}),
-                                        "lrp": lambda: explaining.run(None, {"x": x, "target": target})},
+                                        "lrp": lambda: explaining.run(None, feeds), "bound": bound},
                                        args.repeats, args.rounds)
                 fwd, lrp, zen = times["fwd"], times["lrp"], None
                 # Zennit on its own afterwards: PyTorch's worker threads keep spinning after a call and would slow
@@ -78,9 +85,10 @@ def main() -> None:
                         zen = best_of_rounds({"zennit": zennit}, args.repeats, args.rounds)["zennit"]
                 zen_s = f"{zen:.3f}" if zen else "–"
                 versus = f"{zen / lrp:.1f}× faster" if zen else "–"
-                extra = f" ({batch / lrp:.0f} explanations/s)" if args.provider == "cuda" else ""
-                rows.add(name, batch, f"{fwd:.3f}", f"{lrp:.3f}{extra}", f"{lrp / fwd:.2f}×", zen_s, versus,
-                         f"{compile_s:.2f}", f"{size_ratio:.2f}")
+                rate = (lambda t: f" ({batch / t:.0f} explanations/s)") if args.provider == "cuda" else (lambda t: "")
+                rows.add(name, batch, f"{fwd:.3f}", f"{lrp:.3f}{rate(lrp)}", f"{lrp / fwd:.2f}×",
+                         f"{times['bound']:.3f}{rate(times['bound'])}", zen_s, versus, f"{compile_s:.2f}",
+                         f"{size_ratio:.2f}")
                 if not args.no_memory and args.provider == "cpu":
                     memory.add(*memory_cells(name, batch, path, out, use_zennit))
     print()
@@ -88,6 +96,21 @@ def main() -> None:
     if memory.has_rows:
         print("\npeak memory growth during the runs (weights not counted)")
         print(memory)
+
+
+def bound_run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], device: str):
+    """A run of ``session`` with IO binding: ``feeds`` copied to ``device`` once, every output bound to ``device``
+    (left there). Checks once that the outputs equal a plain run's."""
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))
+    for output in session.get_outputs():
+        binding.bind_output(output.name, device)
+    session.run_with_iobinding(binding)
+    for bound, plain in zip(binding.copy_outputs_to_cpu(), session.run(None, feeds)):
+        if not np.array_equal(bound, plain):
+            raise SystemExit("IO binding changed the outputs")
+    return lambda: session.run_with_iobinding(binding)
 
 
 def probe(kind: str, model: str, batch: int) -> float:

@@ -86,6 +86,8 @@ def export(model: nn.Module, path: Path) -> None:
     proto = remove_dead_nodes(recognise_lrn(onnx.load(str(path)), str(path)), str(path))
     proto.ir_version = 10
     del proto.metadata_props[:]
+    for node in proto.graph.node:  # the exporter's stack traces name this machine's source paths
+        del node.metadata_props[:]
     proto.doc_string = "CaffeNet-style CNN with LRN trained on scikit-learn's digits; input [N,1,32,32] in [0,1]"
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))

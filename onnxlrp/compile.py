@@ -11,8 +11,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__
-from .bindings import (RULE_PARAMETER_PREFIX, BindContext, NoRelevance, Unsupported, bind, choose_variant,
-                       make_attribute)
+from .bind_context import BindContext, NoRelevance, Unsupported
+from .bindings import RULE_PARAMETER_PREFIX, bind, make_attribute
 from .canonical import canonicalize
 from .composites import Composite, assign_rules, get_composite, node_category, node_overrides, validate_options
 from .diagnostics import cancelling_sums, warn
@@ -29,6 +29,7 @@ from .load import check, default_opset, model_source, read_model, weightless
 from .targets import TARGET_INPUT, TARGET_MASK_INPUT, default_composite, scores_tensor, set_target_inputs
 from .templates import DOMAIN, library, user_rules_in_effect
 from .user_rules import rules_fingerprint
+from .variants import choose_variant
 from .weights import copy_fields, is_large, join_weights
 
 #: IR version written: accepted by every onnxruntime from 1.16 on (onnx >= 1.20 would write 14, too new for ORT).
@@ -154,7 +155,7 @@ def compile_model(model: onnx.ModelProto | str | os.PathLike, composite: str | N
     templates and op rows (--rules DIR).
     relevance_at: tensor names; each adds an output ``<tensor>_relevance`` shaped like the tensor.
     portable: one plain graph that every mainstream runtime runs (OpenVINO, onnx.reference, ORT): functions
-    inlined, only portable template variants (bindings.PORTABLE_VARIANTS); implies ``inline``.
+    inlined, only portable template variants (variants.PORTABLE_VARIANTS); implies ``inline``.
     target_mask: instead of ``target``, the compiled model takes a float input ``target_mask`` shaped like the
     explained output (broadcastable to it): start relevance = output * mask (Zennit's attr_output), for
     segmentation maps, detection heads or any weighting of several scores. Without it, ``target`` has a default

@@ -6,10 +6,12 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from onnxlrp.bindings import VARIANTS, BindContext, bind
+from onnxlrp.bind_context import BindContext
+from onnxlrp.bindings import bind
 from onnxlrp.compile import _Builder
 from onnxlrp.graph import GraphView
 from onnxlrp.templates import DOMAIN, library
+from onnxlrp.variants import VARIANTS
 
 
 def _typed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -153,7 +153,7 @@ def evaluate(model: Path, inputs: list[Path], composites: list[str], lrn_rules: 
                            f"{fill} fill)")
     if definition == "onnxlrp":
         make_baseline(np.zeros((1, 1, 1), np.float32), fill, fill_value, False)  # a bad --fill fails first
-    from .compile import IR_VERSION
+    from .assemble import IR_VERSION
     from .load import read_model
     proto = read_model(model)  # regular files only, external data and tensors checked, one-line errors
     proto.ir_version = min(proto.ir_version, IR_VERSION)  # onnx >= 1.20 writes IR versions ORT refuses

@@ -8,6 +8,7 @@ import onnx
 from onnx import helper
 
 from .errors import OnnxlrpError
+from .reverse_walk import relevance_signal
 
 if TYPE_CHECKING:
     from .compile import Plan
@@ -18,7 +19,6 @@ SUFFIX = "_relevance"
 def relevance_at_outputs(plan: Plan, tensors: list[str]) -> list[tuple[str, str, onnx.ValueInfoProto]]:
     """For each tensor of the (canonical) graph: (output name ``<tensor>_relevance``, the relevance tensor built
     for it, its value info). One-line OnnxlrpError for a tensor that does not exist or gets no relevance."""
-    from .compile import relevance_signal
     view, taken, chosen = plan.view, set(), []
     known = set(view.info) | set(view.producer) | set(view.consumers)
     inputs = {vi.name for vi in view.model.graph.input}

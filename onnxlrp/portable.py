@@ -1,6 +1,6 @@
 """The plain-graph form of a compiled model (``--inline``, ``--portable``): the rule functions inlined, then two
 small tidy-ups so that ONNX Runtime loads it without a warning. Which templates the portable form may use is
-decided per node in bindings.PORTABLE_VARIANTS."""
+decided per node in variants.PORTABLE_VARIANTS."""
 from __future__ import annotations
 
 import onnx

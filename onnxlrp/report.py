@@ -7,9 +7,11 @@ import warnings
 import numpy as np
 import onnx
 
-from .compile import ARRIVING_PREFIX, LAYER_PREFIX, Interface, Plan, absorber_kind
+from .compile import Plan
 from .diagnostics import OnnxlrpWarning
 from .errors import OnnxlrpError
+from .interface import ARRIVING_PREFIX, LAYER_PREFIX, Interface
+from .layer_outputs import absorber_kind
 
 #: Rules that pass on exactly the relevance they receive, up to the stabilizer (ε = 1e-6).
 CONSERVING = {"pass", "gradient", "norm", "flat", "taylor", "identity"}
@@ -136,7 +138,7 @@ def random_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0, tokens: 
 def conservation_rows(rules: list[dict], values: dict[str, np.ndarray], signal: str,
                       roles: dict[str, list[str]] | None = None) -> list[dict]:
     """Per rule application (``rules``: the compiled model's ``onnxlrp.rules`` metadata; ``roles``: its layer
-    outputs, see compile.Interface; default: the usual names): relevance received and passed on (mean over the
+    outputs, see interface.Interface; default: the usual names): relevance received and passed on (mean over the
     batch), drift, and a flag."""
     outputs = {(node, kind): name for name, (node, kind) in roles.items()} if roles is not None else {}
     rows = []

@@ -154,7 +154,7 @@ class Explainer:
         return explainer
 
     def _setup(self, compiled: onnx.ModelProto, providers: list[str] | None, threads: int | None = None) -> None:
-        from .compile import Interface
+        from .interface import Interface
         self.compiled = compiled
         self.session = make_session(self.compiled, providers, threads)
         interface = Interface.of(compiled)  # names in the metadata (target_1 where the model has a target)

@@ -196,7 +196,7 @@ def sanity(model, inputs: list[Path], composites: list[str], mode: str = "cascad
     called once per layer, top layer first. options: rule options of the composites (epsilon, lrn_rule, ...).
     progress: a progress bar on stderr (one tick per compiled and explained model).
     Every input must load (no partial result): the first that does not raises OnnxlrpError."""
-    from .compile import IR_VERSION
+    from .assemble import IR_VERSION
     from .inputs import expand_inputs, input_spec, load_input
     from .load import read_model
     if mode not in MODES:

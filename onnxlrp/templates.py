@@ -38,7 +38,7 @@ class OpSpec:
     category_one_activation: str | None = None
     linear: str | None = None  # prefix of the fwd/bwd pair for linear ops
     binder: str | None = None
-    variant: str | None = None  # bindings.VARIANTS entry choosing the fwd/bwd pair per node
+    variant: str | None = None  # variants.VARIANTS entry choosing the fwd/bwd pair per node
     linear_variants: tuple[str, ...] = ()  # other transposed passes (<variant>_bwd) sharing <linear>_fwd
     elementwise: bool = False
     templates: dict[str, str | list[str]] = field(default_factory=dict)

@@ -170,7 +170,7 @@ def evaluate_texts(model: Path, texts: list[str], tokenizer_path: Path, composit
 
     Returns (curves per method, [(text, why)] for texts that were skipped: no token to delete)."""
     from .cache import compile_cached
-    from .compile import IR_VERSION
+    from .assemble import IR_VERSION
     from .graph import GraphView
     from .load import read_model
     from .lookups import choose_ids_input

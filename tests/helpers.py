@@ -6,10 +6,12 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from onnxlrp.bindings import VARIANTS, BindContext, bind
-from onnxlrp.compile import _Builder
+from onnxlrp.bind_context import BindContext
+from onnxlrp.bindings import bind
+from onnxlrp.builder import Builder
 from onnxlrp.graph import GraphView
 from onnxlrp.templates import DOMAIN, library
+from onnxlrp.variants import VARIANTS
 
 
 def _typed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -45,7 +47,7 @@ def template_relevance(node: onnx.NodeProto, x: np.ndarray, r: np.ndarray, rule:
     view = GraphView(model)
     lib = library()
     spec = lib.ops[node.op_type]
-    builder = _Builder(taken={"R"} | {n for n in node.input} | set(node.output))
+    builder = Builder(taken={"R"} | {n for n in node.input} | set(node.output))
     ctx = BindContext(view, 0, x_index, y_index, builder.constant, opset, rule=rule, add_node=builder.plain)
     template = spec.template_for(rule, x_index, VARIANTS[spec.variant](ctx) if spec.variant else None)
     if used is not None:

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxlrp.compile import IR_VERSION
+from onnxlrp.assemble import IR_VERSION
 from onnxlrp.reference_methods import bilinear_matrix, occlusion, rise, rise_masks, window_starts
 from onnxlrp.runtime import make_session
 

@@ -24,7 +24,7 @@ from onnx.reference.ops.op_lrn import LRN as ReferenceLRN
 from onnx.reference.ops.op_max_pool import MaxPool as ReferenceMaxPool
 
 import onnxlrp
-from onnxlrp.bindings import PORTABLE_VARIANTS, VARIANTS
+from onnxlrp.variants import PORTABLE_VARIANTS, VARIANTS
 from torch_models import sample_input
 
 ov = pytest.importorskip("openvino")

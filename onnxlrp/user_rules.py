@@ -206,7 +206,18 @@ def load_rules_dir(directory: Path, functions: dict, linear_rules: dict, ops: di
             merged = {**ops.get(op, {}), **row}
             if "category" not in merged:
                 raise OnnxlrpError(f"{ops_file}: [{op}] needs a category (activation, affine, conv, dense, ...)")
+            _check_named(ops_file, op, merged)
             ops[op] = merged
+
+
+def _check_named(ops_file: Path, op: str, row: dict) -> None:
+    """OnnxlrpError where an op row names a binder or variant chooser the compiler does not have."""
+    from .binders import BINDERS
+    from .variants import VARIANTS
+    for key, known in (("binder", BINDERS), ("variant", VARIANTS)):
+        if key in row and row[key] not in known:
+            raise OnnxlrpError(f"{ops_file}: [{op}] {key} = {row[key]!r} is not one of the compiler's "
+                               f"({', '.join(sorted(known))})")
 
 
 def rules_fingerprint(directories: tuple[str, ...]) -> list[tuple[str, str]]:

@@ -169,7 +169,7 @@ def test_rules_dir_adds_an_op_and_a_linear_rule(tmp_path):
     onnx.checker.check_model(explainer.compiled, full_check=True)
 
 
-@pytest.mark.parametrize("case", ["not_a_dir", "bad_template", "clash", "no_category"])
+@pytest.mark.parametrize("case", ["not_a_dir", "bad_template", "clash", "no_category", "binder", "variant"])
 def test_bad_rules_dirs(tmp_path, case):
     folder = tmp_path / "rules"
     folder.mkdir()
@@ -183,9 +183,12 @@ def test_bad_rules_dirs(tmp_path, case):
         (folder / "pass.onnxtxt").write_text('<domain: "onnxlrp", opset_import: ["" : 18]>\npass (X, R) => (R_X) {\n'
                                              '   R_X = Identity(R)\n}\n')
         message = "already exists"
-    else:
+    elif case == "no_category":
         (folder / "ops.toml").write_text('[Abs]\npass = "pass"\n')
         message = "needs a category"
+    else:  # a binder or variant chooser the compiler does not have
+        (folder / "ops.toml").write_text(f'[Abs]\ncategory = "activation"\n{case} = "nope"\n')
+        message = rf"\[Abs\] {case} = 'nope' is not one of the compiler's \(.*conv"
     with pytest.raises(onnxlrp.OnnxlrpError, match=message):
         onnxlrp.compile_model(_abs_model(), "epsilon", rules=[folder])
 

@@ -14,13 +14,13 @@ alternated; results compared element for element):
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from bench_common import best_of_rounds
 
 
 def _model(nodes: list, inputs: list[str], initializers: dict[str, np.ndarray]) -> bytes:
@@ -41,16 +41,7 @@ def compare(models: dict[str, bytes], feeds: dict[str, np.ndarray], rounds: int 
     """Print each form's time (ms) and whether its result equals the first form's."""
     sessions = {name: _session(m) for name, m in models.items()}
     results = {name: s.run(None, feeds)[0] for name, s in sessions.items()}
-    best = dict.fromkeys(models, float("inf"))
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            session.run(None, feeds)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                session.run(None, feeds)
-                times.append(time.perf_counter() - start)
-            best[name] = min(best[name], statistics.median(times))
+    best = best_of_rounds({name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}, repeats, rounds)
     first = next(iter(models))
     for name in models:
         same = np.array_equal(results[name], results[first])

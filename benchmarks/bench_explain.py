@@ -85,7 +85,8 @@ def main() -> None:
                         zen = best_of_rounds({"zennit": zennit}, args.repeats, args.rounds)["zennit"]
                 zen_s = f"{zen:.3f}" if zen else "–"
                 versus = f"{zen / lrp:.1f}× faster" if zen else "–"
-                rate = (lambda t: f" ({batch / t:.0f} explanations/s)") if args.provider == "cuda" else (lambda t: "")
+                def rate(seconds: float) -> str:
+                    return f" ({batch / seconds:.0f} explanations/s)" if args.provider == "cuda" else ""
                 rows.add(name, batch, f"{fwd:.3f}", f"{lrp:.3f}{rate(lrp)}", f"{lrp / fwd:.2f}×",
                          f"{times['bound']:.3f}{rate(times['bound'])}", zen_s, versus, f"{compile_s:.2f}",
                          f"{size_ratio:.2f}")

@@ -34,13 +34,19 @@ def best_of_rounds(fns: dict, repeats: int, rounds: int) -> dict:
     return {name: min(values) for name, values in medians.items()}
 
 
-def export_torchvision(name: str, folder: Path):
-    """torchvision's ``name`` with random weights (torch seeded 0), in eval mode, and its ONNX export (opset 17,
-    TorchScript exporter, input "x" [N, 3, 224, 224], output "y") as folder/<name>.onnx."""
+def torchvision_model(name: str):
+    """torchvision's ``name`` with random weights (torch seeded 0), in eval mode."""
     import torch
     import torchvision
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).eval()
+    return getattr(torchvision.models, name)(weights=None).eval()
+
+
+def export_torchvision(name: str, folder: Path):
+    """:func:`torchvision_model` and its ONNX export (opset 17, TorchScript exporter, input "x" [N, 3, 224, 224],
+    output "y") as folder/<name>.onnx."""
+    import torch
+    model = torchvision_model(name)
     path = folder / f"{name}.onnx"
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import psutil
 
-from bench_common import zennit_explainer
+from bench_common import torchvision_model, zennit_explainer
 
 
 class PeakSampler:
@@ -85,11 +85,9 @@ def ort_runner(kind: str, path: str, batch: int, threads: int | None):
 def zennit_runner(name: str, batch: int, threads: int | None):
     """Zennit's EpsilonPlusFlat on torchvision's ``name`` (weights seeded 0), run inside its attributor context."""
     import torch
-    import torchvision
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).eval()
+    model = torchvision_model(name)
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     with zennit_explainer(model, x) as run:
         if run is None:
